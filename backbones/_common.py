@@ -1,0 +1,90 @@
+"""Small helpers shared by every family: checkpoint unwrapping/validation and input checks.
+
+Kept deliberately small; anything timm or torch already offers is used from there instead.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["unwrap_checkpoint", "check_state_dict", "check_input"]
+
+# Nesting keys seen in published checkpoints, in order of preference (EMA first, as timm's loader does).
+_NEST_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module", "net", "params")
+
+
+def unwrap_checkpoint(checkpoint: Mapping[str, Any], prefixes: Iterable[str] = ("module.", "_orig_mod.")) -> Dict[str, Any]:
+    """Return the flat ``{name: tensor}`` state_dict inside a published checkpoint.
+
+    Handles the nestings official releases use (``{'model': sd}``, ``{'state_dict': sd}``, EMA copies under
+    ``state_dict_ema``/``model_ema``, which are preferred like timm does) and DDP/compile prefixes.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"checkpoint must be a mapping of parameter names to tensors, got {type(checkpoint).__name__}")
+    sd: Mapping[str, Any] = checkpoint
+    for _ in range(3):  # nested at most a few levels deep
+        nested = next((k for k in _NEST_KEYS if isinstance(sd.get(k), Mapping)), None)
+        if nested is None:
+            break
+        sd = sd[nested]
+    out = {}
+    for k, v in sd.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    if not any(torch.is_tensor(v) for v in out.values()):
+        raise ValueError("checkpoint contains no tensors: is this a model checkpoint?")
+    return out
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str = "checkpoint") -> None:
+    """Raise one clear error naming every missing, unexpected or mis-shaped key.
+
+    Shapes of the classifier and first conv are not checked: timm's loader adapts those after
+    ``checkpoint_filter_fn`` (drops the classifier when ``num_classes`` differs, adapts ``in_chans``).
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifiers = []
+    for key in ("classifier", "first_conv"):
+        v = cfg.get(key) or ()
+        classifiers += [v] if isinstance(v, str) else list(v)
+
+    def is_cls(k: str) -> bool:
+        return any(k == c or k.startswith(c + ".") for c in classifiers)
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and torch.is_tensor(v) and v.shape != expected[k].shape and not is_cls(k)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
+    if shapes:
+        problems.append(f"{len(shapes)} mis-shaped key(s): {'; '.join(shapes[:10])}{' ...' if len(shapes) > 10 else ''}")
+    if problems:
+        name = cfg.get("architecture", type(model).__name__)
+        raise ValueError(f"{source} does not match model '{name}': " + " | ".join(problems))
+
+
+def check_input(x: torch.Tensor, in_chans: int, min_size: int = 1, multiple: Optional[int] = None, name: str = "model") -> None:
+    """Validate an image batch ``(B, C, H, W)``: channel count and spatial size, with errors that say what to change."""
+    if x.ndim != 4:
+        raise ValueError(f"{name} expects a 4-D image batch (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"{name} was built for in_chans={in_chans} but the input has {x.shape[1]} channels "
+            f"(shape {tuple(x.shape)}); pass in_chans={x.shape[1]} to timm.create_model or fix the input")
+    h, w = x.shape[-2:]
+    if h < min_size or w < min_size:
+        raise ValueError(f"{name} needs inputs of at least {min_size}x{min_size} pixels, got {h}x{w}")
+    if multiple and (h % multiple or w % multiple):
+        raise ValueError(f"{name} needs input height and width divisible by {multiple}, got {h}x{w}")

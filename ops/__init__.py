@@ -1,0 +1,6 @@
+"""Token-mixer ops: a plain-PyTorch reference for each, Triton kernels behind one dispatcher per op.
+
+See ``ops/_dispatch.py`` for how the implementation is chosen (``impl=`` argument or ``METAMIXER_OPS_IMPL``).
+"""
+from ._dispatch import ENV_VAR, resolve_impl, triton_available
+from .dwconv import DWConv2d, dwconv2d, dwconv2d_reference

@@ -1,0 +1,51 @@
+"""Choosing between an op's plain-PyTorch reference and its Triton kernels.
+
+Every op in ``ops/`` takes ``impl=None|'auto'|'reference'|'triton'``. ``None`` reads the environment variable
+``METAMIXER_OPS_IMPL`` (default ``auto``). ``auto`` takes Triton when the inputs are CUDA tensors, Triton is
+importable and the op has a kernel for the arguments; otherwise the reference. ``triton`` forces the kernels
+(also on CPU tensors under ``TRITON_INTERPRET=1``, which is how the test-suite runs them without a GPU).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+ENV_VAR = "METAMIXER_OPS_IMPL"
+_CHOICES = ("auto", "reference", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(impl: Optional[str], x: torch.Tensor, supported: bool = True) -> str:
+    """Return ``'reference'`` or ``'triton'`` for an op call on tensor ``x``.
+
+    ``supported`` says whether the op has a Triton kernel for these particular arguments (e.g. stride 1 only).
+    Forcing ``'triton'`` for unsupported arguments is an error rather than a silent fallback.
+    """
+    choice = (impl or os.environ.get(ENV_VAR, "auto")).lower()
+    if choice not in _CHOICES:
+        raise ValueError(f"impl must be one of {_CHOICES} (or set {ENV_VAR}), got {choice!r}")
+    if choice == "reference":
+        return "reference"
+    kernel_ok = supported and triton_available() and (x.is_cuda or interpreting())
+    if choice == "triton":
+        if not supported:
+            raise ValueError("the Triton kernel does not support these arguments; use impl='reference'")
+        if not kernel_ok:
+            raise RuntimeError("impl='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+        return "triton"
+    return "triton" if (kernel_ok and x.is_cuda) else "reference"

@@ -1,0 +1,38 @@
+"""The ops dispatcher: explicit choice of implementation, clear errors, and the depthwise conv reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ops
+from ops._dispatch import resolve_impl
+
+
+def test_reference_is_depthwise_conv():
+    x, w, b = torch.randn(2, 5, 9, 7), torch.randn(5, 1, 5, 5), torch.randn(5)
+    out = ops.dwconv2d(x, w, b, padding=4, dilation=2)
+    # channel c of the output depends only on channel c of the input
+    for c in range(5):
+        torch.testing.assert_close(out[:, c:c + 1], F.conv2d(x[:, c:c + 1], w[c:c + 1], b[c:c + 1], padding=4, dilation=2))
+    with pytest.raises(ValueError, match="depthwise weight"):
+        ops.dwconv2d(x, torch.randn(4, 1, 3, 3))
+
+
+def test_dwconv_module_keeps_conv_keys_and_same_padding():
+    m = ops.DWConv2d(6, 7, dilation=3)
+    assert set(m.state_dict()) == {"weight", "bias"} and m.padding == (9, 9)
+    x = torch.randn(1, 6, 11, 13)
+    assert m(x).shape == x.shape
+
+
+def test_impl_choice(monkeypatch):
+    x = torch.randn(1)
+    assert resolve_impl(None, x) == "reference"  # CPU tensor, auto
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resolve_impl("fast", x)
+    monkeypatch.setenv("METAMIXER_OPS_IMPL", "bogus")
+    with pytest.raises(ValueError, match="METAMIXER_OPS_IMPL"):
+        resolve_impl(None, x)
+    monkeypatch.setenv("METAMIXER_OPS_IMPL", "reference")
+    assert resolve_impl(None, x, supported=True) == "reference"
+    with pytest.raises(ValueError, match="does not support"):
+        resolve_impl("triton", x, supported=False)
