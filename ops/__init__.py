@@ -4,3 +4,5 @@ See ``ops/_dispatch.py`` for how the implementation is chosen (``impl=`` argumen
 """
 from ._dispatch import ENV_VAR, resolve_impl, triton_available
 from .dwconv import DWConv2d, dwconv2d, dwconv2d_reference
+from .lka import lka, lka_reference
+from .mix_shift import mix_shift, mix_shift_chunk_sizes, mix_shift_reference
