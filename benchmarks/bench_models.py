@@ -1,0 +1,76 @@
+"""Model throughput: images/s for inference and for a training step, Triton ops vs the reference ops.
+
+Run on a GPU:  PYTHONPATH=. python benchmarks/bench_models.py van_b0 ffnet_t [--batch 128]
+bf16 autocast, channels-last. The ops path is switched with METAMIXER_OPS_IMPL (reference | auto); where timm
+has the same architecture a `timm:<name>` entry times timm's model for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import device_name, print_table, time_ms  # noqa: E402
+
+import timm  # noqa: E402
+
+import backbones  # noqa: E402,F401
+
+
+def throughput(name: str, batch: int, size: int, impl: str):
+    os.environ["METAMIXER_OPS_IMPL"] = impl
+    model = timm.create_model(name.removeprefix("timm:"), num_classes=1000).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def infer():
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            model(x)
+
+    def train():
+        with torch.autocast("cuda", torch.bfloat16):
+            out = model(x)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            loss = torch.nn.functional.cross_entropy(out.float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model.eval()
+    t_inf = time_ms(infer, warmup=10, rep=50)
+    model.train()
+    t_train = time_ms(train, warmup=5, rep=30)
+    del model, opt
+    torch.cuda.empty_cache()
+    return batch / t_inf * 1e3, batch / t_train * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--size", type=int, default=224)
+    args = ap.parse_args()
+    print(f"device: {device_name()}; batch {args.batch}, {args.size}x{args.size}, bf16 autocast, channels-last")
+    rows = []
+    for name in args.models:
+        if name.startswith("timm:"):
+            inf, tr = throughput(name, args.batch, args.size, "reference")
+            rows.append({"model": name, "infer img/s": inf, "train img/s": tr})
+            continue
+        ref_inf, ref_tr = throughput(name, args.batch, args.size, "reference")
+        tri_inf, tri_tr = throughput(name, args.batch, args.size, "auto")
+        rows.append({"model": name, "ref infer img/s": ref_inf, "triton infer img/s": tri_inf,
+                     "x infer": tri_inf / ref_inf, "ref train img/s": ref_tr, "triton train img/s": tri_tr,
+                     "x train": tri_tr / ref_tr})
+    cols = ["model", "ref infer img/s", "triton infer img/s", "x infer", "ref train img/s", "triton train img/s",
+            "x train", "infer img/s", "train img/s"]
+    print_table(rows, [c for c in cols if any(c in r for r in rows)], "model throughput")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""dwconv2d: the Triton kernels against the reference, values and gradients, on awkward shapes.
+
+On CPU the kernels run through TRITON_INTERPRET=1 (tests/conftest.py); on a GPU the same tests run compiled.
+"""
+import pytest
+import torch
+
+from ops import dwconv2d, dwconv2d_reference
+from ops._dispatch import triton_available
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+torch.backends.cudnn.allow_tf32 = False  # the reference must be true fp32 on GPU
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+CASES = [  # B, C, H, W, k, dilation, channels_last, bias
+    (1, 3, 7, 5, 3, 1, False, True),
+    (2, 5, 9, 11, 7, 1, True, True),
+    (1, 6, 13, 10, 7, 3, False, False),   # VAN's dilated 7x7 on a map smaller than its reach
+    (2, 4, 6, 9, 5, 2, True, True),
+    (1, 3, 17, 15, 13, 1, True, False),
+]
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g)
+
+
+@pytest.mark.parametrize("B,C,H,W,k,dil,cl,bias", CASES)
+def test_triton_matches_reference(B, C, H, W, k, dil, cl, bias):
+    torch.manual_seed(B * 100 + C * 10 + k)
+    x = torch.randn(B, C, H, W, device=DEVICE)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(C, 1, k, k, device=DEVICE, dtype=x.dtype)
+    b = torch.randn(C, device=DEVICE, dtype=x.dtype) if bias else None
+    inputs = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    pad = dil * (k - 1) // 2
+    ref = dwconv2d_reference(x, w, b, 1, pad, dil)
+    out = dwconv2d(x, w, b, 1, pad, dil, impl="triton")
+    assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    for got, want in zip(_grads(out, inputs, g), _grads(ref, inputs, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_low_precision_accumulates_in_fp32():
+    x = torch.randn(2, 8, 12, 12, device=DEVICE)
+    w = torch.randn(8, 1, 7, 7, device=DEVICE)
+    ref = dwconv2d_reference(x.double(), w.double(), None, 1, 3, 1)
+    for dt in (torch.bfloat16, torch.float16):
+        out = dwconv2d(x.to(dt), w.to(dt), None, 1, 3, 1, impl="triton")
+        assert out.dtype == dt
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, (dt, err)
+
+
+def test_unsupported_arguments_fall_back_or_refuse():
+    x, w = torch.randn(1, 4, 8, 8, device=DEVICE), torch.randn(4, 1, 3, 3, device=DEVICE)
+    torch.testing.assert_close(dwconv2d(x, w, None, 2, 1), dwconv2d_reference(x, w, None, 2, 1))  # auto: reference
+    with pytest.raises(ValueError, match="does not support"):
+        dwconv2d(x, w, None, stride=2, padding=1, impl="triton")
