@@ -43,7 +43,8 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any], prefixes: Iterable[str] = (
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str = "checkpoint") -> None:
     """Raise one clear error naming every missing, unexpected or mis-shaped key.
 
-    Shapes of the classifier and first conv are not checked: timm's loader adapts those after
+    Classifier keys may be unexpected (a model built with ``num_classes=0``); shapes of the classifier and first
+    conv are not checked: timm's loader adapts those after
     ``checkpoint_filter_fn`` (drops the classifier when ``num_classes`` differs, adapts ``in_chans``).
     """
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -57,7 +58,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, s
 
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state_dict if k not in expected]
+    unexpected = [k for k in state_dict if k not in expected and not is_cls(k)]
     shapes = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
         for k, v in state_dict.items()

@@ -10,8 +10,10 @@ multipliers) use the reference. The kernels:
   * forward: one program computes a tile of (pixels x channels) of one image, looping over the k*k taps
     (masked loads give the zero padding);
   * input gradient: the same kernel on the flipped weights (for 'same' padding the transposed conv is a conv);
-  * weight gradient: each program reduces its tile's products for every tap and adds them into an fp32
-    buffer with atomics; bias gradient: a sum over the output gradient.
+  * weight gradient: tap-stationary; each program keeps all k*k taps x BLOCK_C channels in fp32 registers and
+    walks a run of output pixels (across images), adding ``patch(x) * grad``; one partial sum per run, summed
+    afterwards (deterministic, no atomics); bias gradient: a sum over the output gradient.
+On the GPU the forward tile shape is autotuned per (C, H, W, k, dilation, layout).
 The Triton path is a ``torch.library.custom_op`` (``metamixer::dwconv2d``) with its backward registered, so it
 works under ``torch.compile`` (as an opaque op) and autocast (inputs are cast like ``F.conv2d`` would).
 ``DWConv2d`` is an ``nn.Conv2d`` drop-in (same parameters and state_dict keys) whose forward calls the dispatcher.
@@ -85,28 +87,34 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from ._dispatch import interpreting
+
     @triton.jit
     def _dwconv_fwd_kernel(X, Wt, Bias, Y, C, H, W, sxb, sxc, sxh, sxw, syb, syc, syh, syw,
-                           K: tl.constexpr, DIL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           K: tl.constexpr, DIL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One program: a BLOCK_H x BLOCK_W pixel tile of one image, BLOCK_C channels, all K*K taps."""
         pid_s, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         tiles_w = tl.cdiv(W, BLOCK_W)
         p = tl.arange(0, BLOCK_H * BLOCK_W)
         oh = (pid_s // tiles_w) * BLOCK_H + p // BLOCK_W
         ow = (pid_s % tiles_w) * BLOCK_W + p % BLOCK_W
         oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = oc < C
+        cmask = (oc < C) if not EVEN_C else (oc >= 0)
         PAD: tl.constexpr = DIL * (K - 1) // 2
-        x_ptr = X + pid_b.to(tl.int64) * sxb + oc[None, :] * sxc
+        # pointers of the tap at offset (-PAD, -PAD); each tap adds a scalar offset
+        x_ptr = (X + pid_b.to(tl.int64) * sxb + oc[None, :] * sxc
+                 + ((oh - PAD) * sxh + (ow - PAD) * sxw)[:, None])
+        w_ptr = Wt + oc * (K * K)
         acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_C), dtype=tl.float32)
         for i in range(K):
             ih = oh + (i * DIL - PAD)
             hmask = (ih >= 0) & (ih < H)
-            for j in range(K):
+            for j in tl.static_range(K):
                 iw = ow + (j * DIL - PAD)
                 m = (hmask & (iw >= 0) & (iw < W))[:, None] & cmask[None, :]
-                xv = tl.load(x_ptr + (ih * sxh + iw * sxw)[:, None], mask=m, other=0.0)
-                wv = tl.load(Wt + oc * (K * K) + (i * K + j), mask=cmask, other=0.0)
+                xv = tl.load(x_ptr + (i * DIL * sxh + j * DIL * sxw), mask=m, other=0.0)
+                wv = tl.load(w_ptr + (i * K + j), mask=cmask, other=0.0)
                 acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(Bias + oc, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -115,38 +123,69 @@ if triton_available():
         tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=omask)
 
     @triton.jit
-    def _dwconv_bwd_w_kernel(X, GY, GW, C, H, W, sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw,
-                             K: tl.constexpr, DIL: tl.constexpr,
-                             BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid_s, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        tiles_w = tl.cdiv(W, BLOCK_W)
-        p = tl.arange(0, BLOCK_H * BLOCK_W)
-        oh = (pid_s // tiles_w) * BLOCK_H + p // BLOCK_W
-        ow = (pid_s % tiles_w) * BLOCK_W + p % BLOCK_W
+    def _dwconv_bwd_w_kernel(X, GY, GW, B, C, H, W, sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, PIX_PER_PROG,
+                             K: tl.constexpr, KKP: tl.constexpr, DIL: tl.constexpr, BLOCK_C: tl.constexpr,
+                             UNROLL: tl.constexpr):
+        """Weight gradient, tap-stationary: the program keeps a (K*K, BLOCK_C) fp32 accumulator and walks a run of
+        output pixels; per pixel it loads the grad vector once and the K x K input patch around it, so the sum over
+        pixels never crosses threads. Each run writes its partial sums to GW[run] (no atomics: deterministic)."""
+        pid_r, pid_c = tl.program_id(0), tl.program_id(1)
         oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = oc < C
         PAD: tl.constexpr = DIL * (K - 1) // 2
-        omask = ((oh < H) & (ow < W))[:, None] & cmask[None, :]
-        g_ptr = GY + pid_b.to(tl.int64) * sgb + oc[None, :] * sgc + (oh * sgh + ow * sgw)[:, None]
-        gy = tl.load(g_ptr, mask=omask, other=0.0).to(tl.float32)
-        x_ptr = X + pid_b.to(tl.int64) * sxb + oc[None, :] * sxc
-        for i in range(K):
-            ih = oh + (i * DIL - PAD)
-            hmask = (ih >= 0) & (ih < H)
-            for j in range(K):
-                iw = ow + (j * DIL - PAD)
-                m = (hmask & (iw >= 0) & (iw < W))[:, None] & omask
-                xv = tl.load(x_ptr + (ih * sxh + iw * sxw)[:, None], mask=m, other=0.0)
-                part = tl.sum(xv.to(tl.float32) * gy, axis=0)
-                tl.atomic_add(GW + oc * (K * K) + (i * K + j), part, mask=cmask)
+        t = tl.arange(0, KKP)
+        tmask = t < K * K
+        di = (t // K) * DIL - PAD
+        dj = (t % K) * DIL - PAD
+        patch = (di * sxh + dj * sxw)[:, None] + oc[None, :] * sxc
+        acc = tl.zeros((KKP, BLOCK_C), dtype=tl.float32)
+        HW = H * W
+        start = pid_r * PIX_PER_PROG
+        end = tl.minimum(start + PIX_PER_PROG, B * HW)
+        for n0 in range(start, end, UNROLL):  # UNROLL independent pixels per step keep several loads in flight
+            for u in tl.static_range(UNROLL):
+                n = n0 + u
+                b = n // HW
+                h = (n % HW) // W
+                w = n % W
+                g = tl.load(GY + b.to(tl.int64) * sgb + h * sgh + w * sgw + oc * sgc, mask=cmask & (oc * 0 + n < end),
+                            other=0.0)
+                hh = h + di
+                ww = w + dj
+                m = tmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & (t * 0 + n < end)
+                xv = tl.load(X + b.to(tl.int64) * sxb + h * sxh + w * sxw + patch,
+                             mask=m[:, None] & cmask[None, :], other=0.0)
+                acc += xv.to(tl.float32) * g.to(tl.float32)[None, :]
+        out = GW + pid_r.to(tl.int64) * (K * K * C) + t[:, None] * C + oc[None, :]
+        tl.store(out, acc, mask=tmask[:, None] & cmask[None, :])
 
-    def _blocks(x: torch.Tensor, k: int) -> Tuple[int, int, int]:
+    def _fwd_configs():
+        cfgs = []
+        # channels-last tiles first (the fastest in benchmarks/tune_dwconv.py on an H100), then NCHW tiles
+        for bc, bh, bw, nw in [(64, 4, 8, 4), (64, 8, 8, 4), (64, 2, 8, 2), (64, 4, 4, 2), (32, 4, 8, 2),
+                               (16, 8, 16, 4), (4, 8, 32, 4), (8, 4, 32, 4), (2, 8, 64, 4), (1, 16, 64, 4)]:
+            cfgs.append(triton.Config(dict(BLOCK_C=bc, BLOCK_H=bh, BLOCK_W=bw), num_warps=nw))
+        return cfgs
+
+    def _prune(configs, named_args, **kw):
+        """Keep channel-vectorised tiles for channels-last inputs and W-vectorised ones for NCHW."""
+        cl = named_args["sxc"] == 1
+        keep = [c for c in configs if (c.kwargs["BLOCK_C"] >= 16) == cl]
+        return keep or configs
+
+    if not interpreting():  # autotune on the GPU; the interpreter runs the first config only
+        _dwconv_fwd_kernel = triton.autotune(
+            configs=_fwd_configs(), key=["C", "H", "W", "K", "DIL", "sxc"],
+            prune_configs_by={"early_config_prune": _prune})(_dwconv_fwd_kernel)
+
+    def _blocks(x: torch.Tensor) -> Tuple[int, int, int]:
+        """Tile for the interpreter and the weight-gradient kernel: channels-last vectorises over C, NCHW over W."""
         C, H, W = x.shape[1:]
-        if x.stride(1) == 1:  # channels-last: vectorise over channels
+        if x.stride(1) == 1:
             bc = min(64, triton.next_power_of_2(C))
             bw = min(8, triton.next_power_of_2(W))
             bh = max(1, min(2048 // (bc * bw), triton.next_power_of_2(H)))
-        else:  # NCHW: vectorise along W
+        else:
             bc = min(4, triton.next_power_of_2(C))
             bw = min(32, triton.next_power_of_2(W))
             bh = max(1, min(1024 // (bc * bw), triton.next_power_of_2(H)))
@@ -156,11 +195,36 @@ if triton_available():
         B, C, H, W = x.shape
         k = w.shape[-1]
         y = torch.empty_like(x)
-        bh, bw, bc = _blocks(x, k)
-        grid = (triton.cdiv(H, bh) * triton.cdiv(W, bw), triton.cdiv(C, bc), B)
-        _dwconv_fwd_kernel[grid](x, w, b if b is not None else w, y, C, H, W, *x.stride(), *y.stride(),
-                                 K=k, DIL=dil, HAS_BIAS=b is not None, BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc)
+        args = (x, w, b if b is not None else w, y, C, H, W, *x.stride(), *y.stride())
+        meta = dict(K=k, DIL=dil, HAS_BIAS=b is not None)
+        if interpreting():
+            bh, bw, bc = _blocks(x)
+            grid = (triton.cdiv(H, bh) * triton.cdiv(W, bw), triton.cdiv(C, bc), B)
+            _dwconv_fwd_kernel[grid](*args, **meta, EVEN_C=C % bc == 0, BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc)
+        else:
+            def grid(m):
+                return (triton.cdiv(H, m["BLOCK_H"]) * triton.cdiv(W, m["BLOCK_W"]), triton.cdiv(C, m["BLOCK_C"]), B)
+            _dwconv_fwd_kernel[grid](*args, **meta, EVEN_C=False)
         return y
+
+    def _bwd_w_blocks(C: int, k: int) -> Tuple[int, int, int]:
+        kkp = triton.next_power_of_2(k * k)
+        bc = max(16, min(64, 8192 // kkp, triton.next_power_of_2(C)))
+        return kkp, bc, 8 if kkp * bc > 4096 else 4
+
+    def _launch_bwd_w(x: torch.Tensor, grad: torch.Tensor, k: int, dil: int) -> torch.Tensor:
+        B, C, H, W = x.shape
+        kkp, bc, nw = _bwd_w_blocks(C, k)
+        c_blocks = triton.cdiv(C, bc)
+        # many short runs of pixels: the loop is latency-bound, so occupancy hides the load latency
+        target = 32 * (torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1)
+        npix = B * H * W
+        per = triton.cdiv(npix, max(1, min(npix, target // c_blocks)))
+        runs = triton.cdiv(npix, per)
+        part = torch.empty(runs, k * k, C, device=x.device, dtype=torch.float32)
+        _dwconv_bwd_w_kernel[(runs, c_blocks)](x, grad, part, B, C, H, W, *x.stride(), *grad.stride(), per,
+                                               K=k, KKP=kkp, DIL=dil, BLOCK_C=bc, UNROLL=4, num_warps=nw)
+        return part.sum(0).t().reshape(C, 1, k, k)
 
     @torch.library.custom_op("metamixer::dwconv2d", mutates_args=())
     def _dwconv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int) -> torch.Tensor:
@@ -173,17 +237,11 @@ if triton_available():
     @torch.library.custom_op("metamixer::dwconv2d_backward", mutates_args=())
     def _dwconv2d_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilation: int,
                          need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        B, C, H, W = x.shape
         k = weight.shape[-1]
+        if grad.stride() != x.stride():  # same memory format for both kernels' tiles
+            grad = grad.contiguous(memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
         gx = _launch_fwd(grad, weight.flip(-1, -2).contiguous(), None, dilation) if need_x else x.new_empty(0)
-        gw = weight.new_empty(0)
-        if need_w:
-            acc = torch.zeros(C, 1, k, k, device=x.device, dtype=torch.float32)
-            bh, bw, bc = _blocks(x, k)
-            grid = (triton.cdiv(H, bh) * triton.cdiv(W, bw), triton.cdiv(C, bc), B)
-            _dwconv_bwd_w_kernel[grid](x, grad, acc, C, H, W, *x.stride(), *grad.stride(),
-                                       K=k, DIL=dilation, BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc)
-            gw = acc.to(weight.dtype)
+        gw = _launch_bwd_w(x, grad, k, dilation).to(weight.dtype) if need_w else weight.new_empty(0)
         return gx, gw
 
     @_dwconv2d_bwd_op.register_fake
@@ -199,7 +257,8 @@ if triton_available():
 
     def _backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
         gx, gw = _dwconv2d_bwd_op(grad, x, weight, ctx.dilation, need_x, need_w)
         gb = grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype) if need_b else None
         return (gx if need_x else None), (gw if need_w else None), gb, None
