@@ -11,3 +11,4 @@ from .na2d import na2d_av, na2d_av_reference, na2d_qk, na2d_qk_reference, na2d_r
 from .window_attention import window_attention, window_attention_reference
 from .aggregated_attention import aggregated_attention, aggregated_attention_reference
 from .lif import MultiStepLIF, lif_multistep, lif_multistep_reference
+from .halo_attention import halo_attention, halo_attention_reference
