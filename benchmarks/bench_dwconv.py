@@ -72,6 +72,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="bf16 channels-last only")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
+    torch._dynamo.config.recompile_limit = 1024  # one compiled graph per shape, never a silent eager fallback
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     bw = copy_bandwidth_gbs()
     print(f"device: {device_name()}; copy bandwidth (read+write): {bw:.0f} GB/s")
     compiled = torch.compile(dwconv2d_reference, dynamic=False)

@@ -30,11 +30,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_impl(impl: Optional[str], x: torch.Tensor, supported: bool = True) -> str:
+def resolve_impl(impl: Optional[str], x: torch.Tensor, supported: bool = True, preferred: bool = True) -> str:
     """Return ``'reference'`` or ``'triton'`` for an op call on tensor ``x``.
 
     ``supported`` says whether the op has a Triton kernel for these particular arguments (e.g. stride 1 only).
-    Forcing ``'triton'`` for unsupported arguments is an error rather than a silent fallback.
+    ``preferred`` says whether ``auto`` should take it: False where the op's benchmark measured the reference
+    (e.g. cuDNN) faster for these arguments. Forcing ``'triton'`` for unsupported arguments is an error rather
+    than a silent fallback.
     """
     choice = (impl or os.environ.get(ENV_VAR, "auto")).lower()
     if choice not in _CHOICES:
@@ -48,4 +50,4 @@ def resolve_impl(impl: Optional[str], x: torch.Tensor, supported: bool = True) -
         if not kernel_ok:
             raise RuntimeError("impl='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
         return "triton"
-    return "triton" if (kernel_ok and x.is_cuda) else "reference"
+    return "triton" if (kernel_ok and preferred and x.is_cuda) else "reference"

@@ -60,3 +60,31 @@ def test_unsupported_arguments_fall_back_or_refuse():
     torch.testing.assert_close(dwconv2d(x, w, None, 2, 1), dwconv2d_reference(x, w, None, 2, 1))  # auto: reference
     with pytest.raises(ValueError, match="does not support"):
         dwconv2d(x, w, None, stride=2, padding=1, impl="triton")
+
+
+def test_custom_op_path_matches_reference():
+    """The path torch.compile takes (the registered custom op and its backward) computes the same."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 9, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(5, 1, 5, 5, device=DEVICE, requires_grad=True)
+    b = torch.randn(5, device=DEVICE, requires_grad=True)
+    out = torch.ops.metamixer.dwconv2d(x, w, b, 2)
+    ref = dwconv2d_reference(x, w, b, 1, 4, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    for got, want in zip(_grads(out, (x, w, b), g), _grads(ref, (x, w, b), g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of Triton kernels needs a GPU")
+def test_torch_compile():
+    x = torch.randn(2, 16, 20, 20, device="cuda", requires_grad=True)
+    w = torch.randn(16, 1, 7, 7, device="cuda", requires_grad=True)
+    fn = torch.compile(lambda x, w: dwconv2d(x, w, None, 1, 9, 3, impl="triton").square().sum())
+    out = fn(x, w)
+    ref = dwconv2d_reference(x, w, None, 1, 9, 3).square().sum()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
+    gx, gw = torch.autograd.grad(out, (x, w))
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-2)
