@@ -34,7 +34,7 @@ def throughput(name: str, batch: int, size: int, impl: str):
     def train():
         with torch.autocast("cuda", torch.bfloat16):
             out = model(x)
-            out = out[0] if isinstance(out, (tuple, list)) else out
+            out = out["main"] if isinstance(out, dict) else out[0] if isinstance(out, (tuple, list)) else out
             loss = torch.nn.functional.cross_entropy(out.float(), y)
         loss.backward()
         opt.step()

@@ -9,14 +9,28 @@ Semantics of ``channel_attention(qkv, num_heads, version=1)``:
       - ``version=2`` (Florence-2's DaViT): ``A = softmax(q^T @ k * N**-0.5, dim=-1)``; ``out = v @ A^T``.
         The scale depends on the number of tokens ``N`` (not on ``d``).
   * Returns ``(B, N, C)``, channel order ``(num_heads, head_dim)``.
+
+Triton path (only when forced with ``impl='triton'``, see the dispatcher; float64 always takes the reference):
+head_dim 16/32/64/128, fp32/fp16/bf16 (fp32 accumulation; fp32 products in IEEE fp32), any token/batch strides
+with contiguous channels.
+Writing ``A = softmax(scale * a^T b)``, ``out = c @ A^T`` ((a, b, c) = (k, v, q) for version 1, (q, k, v) for 2):
+  * ``gram`` kernel: ``a_h^T b_h`` per (batch, head), tokens split over programs (fp32 partial sums, summed after);
+    the d x d softmax runs in PyTorch (tiny);
+  * ``apply`` kernel: a tile of tokens times a d x d matrix per head, written straight into the (B, N, C) output
+    (or into the q/k/v slices of the (B, N, 3C) gradient), so no permuted copies are made;
+  * backward: ``dA = G^T c`` (gram), softmax backward on the d x d maps, then ``dc = G A``, ``da = b dS^T``,
+    ``db = a dS`` (apply). Every token is read once per pass; qkv is read twice in the forward (gram + apply).
+A ``torch.library.custom_op`` (``metamixer::channel_attention``, returning the fp32 maps as a second, non-
+differentiable output kept for the backward) with its backward registered: opaque under ``torch.compile``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Optional, Tuple
 
 import torch
 
-from ops._dispatch import resolve_impl
+from ops._dispatch import ENV_VAR, resolve_impl, triton_available
 
 __all__ = ["channel_attention", "channel_attention_reference"]
 
@@ -40,7 +54,152 @@ def channel_attention_reference(qkv: torch.Tensor, num_heads: int, version: int 
     return out.transpose(1, 2).reshape(B, N, C)
 
 
+def _triton_supported(qkv: torch.Tensor, num_heads: int, version: int) -> bool:
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * num_heads) or version not in (1, 2):
+        return False
+    d = qkv.shape[-1] // (3 * num_heads)
+    return qkv.dtype in (torch.float32, torch.float16, torch.bfloat16) and d in (16, 32, 64, 128)
+
+
 def channel_attention(qkv: torch.Tensor, num_heads: int, version: int = 1, impl: Optional[str] = None) -> torch.Tensor:
-    """Dispatcher the models call: Triton kernels on CUDA where available (see ``ops._dispatch``), else the reference."""
-    resolve_impl(impl, qkv, supported=False)  # no Triton kernel yet: validates ``impl``; 'triton' raises clearly
-    return channel_attention_reference(qkv, num_heads, version)
+    """Dispatcher the models call. ``auto`` keeps the reference, also on CUDA: the first Triton kernels beat it in
+    the forward but not in forward+backward (benchmarks/bench_attention.py, H100, davit_t shapes). ``impl='triton'``
+    (or ``METAMIXER_OPS_IMPL=triton``) forces them (head_dim 16/32/64/128, fp32/fp16/bf16)."""
+    forced = (impl or os.environ.get(ENV_VAR, "auto")).lower() == "triton"
+    if resolve_impl(impl, qkv, _triton_supported(qkv, num_heads, version)) == "reference" or not forced:
+        return channel_attention_reference(qkv, num_heads, version)
+    if torch.is_autocast_enabled(qkv.device.type):  # the reference's matmuls would run in the autocast dtype
+        qkv = qkv.to(torch.get_autocast_dtype(qkv.device.type))
+    with torch.autocast(qkv.device.type, enabled=False):
+        return torch.ops.metamixer.channel_attention(qkv, num_heads, version)[0]
+
+
+# ---- Triton kernels --------------------------------------------------------------------------------------------
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    from ops._dispatch import interpreting
+
+    @triton.jit
+    def _ca_gram_kernel(X, Y, P, heads, N, CHUNK, sxb, sxn, syb, syn,
+                        D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+        """P[split, b*heads+h] = X_h^T @ Y_h over the tokens of one chunk (X_h = X[b, :, h*D:(h+1)*D]); fp32."""
+        pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
+        b = (pid_bh // heads).to(tl.int64)
+        h = pid_bh % heads
+        d = tl.arange(0, D)
+        x_ptr = X + b * sxb + h * D + d[None, :]
+        y_ptr = Y + b * syb + h * D + d[None, :]
+        acc = tl.zeros((D, D), dtype=tl.float32)
+        start = pid_s * CHUNK
+        for n0 in range(start, tl.minimum(start + CHUNK, N), BN):
+            n = n0 + tl.arange(0, BN)
+            m = (n < N)[:, None]
+            x = tl.load(x_ptr + n[:, None] * sxn, mask=m, other=0.0)
+            y = tl.load(y_ptr + n[:, None] * syn, mask=m, other=0.0)
+            if IEEE:
+                acc += tl.dot(tl.trans(x.to(tl.float32)), y.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(tl.trans(x), y)
+        out = P + (pid_s * tl.num_programs(0) + pid_bh).to(tl.int64) * D * D + d[:, None] * D + d[None, :]
+        tl.store(out, acc)
+
+    @triton.jit
+    def _ca_apply_kernel(X, M, Y, heads, N, sxb, sxn, syb, syn,
+                         D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+        """Y_h[tokens] = X_h[tokens] @ M[b*heads+h] for a tile of BN tokens (M: fp32 D x D, cast to X's dtype)."""
+        pid_bh, pid_n = tl.program_id(0), tl.program_id(1)
+        b = (pid_bh // heads).to(tl.int64)
+        h = pid_bh % heads
+        d = tl.arange(0, D)
+        n = pid_n * BN + tl.arange(0, BN)
+        m = (n < N)[:, None]
+        x = tl.load(X + b * sxb + h * D + n[:, None] * sxn + d[None, :], mask=m, other=0.0)
+        mat = tl.load(M + pid_bh.to(tl.int64) * D * D + d[:, None] * D + d[None, :])
+        if IEEE:
+            y = tl.dot(x.to(tl.float32), mat, input_precision="ieee")
+        else:
+            y = tl.dot(x, mat.to(x.dtype))
+        tl.store(Y + b * syb + h * D + n[:, None] * syn + d[None, :], y.to(Y.dtype.element_ty), mask=m)
+
+    _BN = 64
+
+    def _ieee(x: torch.Tensor) -> bool:
+        """fp32 products in fp32 (not tf32); the interpreter also needs it for bf16 (its bf16 dot is wrong)."""
+        return x.dtype == torch.float32 or interpreting()
+
+    def _gram(x: torch.Tensor, y: torch.Tensor, heads: int) -> torch.Tensor:
+        """``x_h^T @ y_h`` per (batch, head): fp32 ``[B*heads, d, d]``; the token sum is split over programs."""
+        B, N, C = x.shape
+        d = C // heads
+        target = 4 * (torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1)
+        splits = max(1, min(triton.cdiv(N, _BN), target // (B * heads)))
+        chunk = triton.cdiv(triton.cdiv(N, splits), _BN) * _BN
+        splits = triton.cdiv(N, chunk)
+        part = torch.empty(splits, B * heads, d, d, device=x.device, dtype=torch.float32)
+        _ca_gram_kernel[(B * heads, splits)](x, y, part, heads, N, chunk, x.stride(0), x.stride(1), y.stride(0),
+                                            y.stride(1), D=d, BN=_BN, IEEE=_ieee(x), num_warps=8 if d >= 128 else 4)
+        return part.sum(0) if splits > 1 else part[0]
+
+    def _apply(x: torch.Tensor, mat: torch.Tensor, out: torch.Tensor, heads: int) -> torch.Tensor:
+        """``out_h = x_h @ mat[b*heads+h]`` written into ``out`` (any token/batch strides, channels contiguous)."""
+        B, N, C = x.shape
+        _ca_apply_kernel[(B * heads, triton.cdiv(N, _BN))](
+            x, mat.contiguous(), out, heads, N, x.stride(0), x.stride(1), out.stride(0), out.stride(1), D=C // heads,
+            BN=_BN, IEEE=_ieee(x), num_warps=4)
+        return out
+
+    def _roles(qkv: torch.Tensor, version: int):
+        """(a, b, c) with ``A = softmax(scale * a^T b)``, ``out = c @ A^T`` (module doc), as views of ``qkv``."""
+        C = qkv.shape[-1] // 3
+        q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+        return (k, v, q) if version == 1 else (q, k, v)
+
+    def _scale(qkv: torch.Tensor, heads: int, version: int) -> float:
+        return (qkv.shape[-1] // (3 * heads)) ** -0.5 if version == 1 else qkv.shape[1] ** -0.5
+
+    @torch.library.custom_op("metamixer::channel_attention", mutates_args=())
+    def _channel_attention_op(qkv: torch.Tensor, num_heads: int, version: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns the output and the fp32 attention maps ``[B*heads, d, d]`` (kept for the backward)."""
+        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+        a, b, c = _roles(qkv, version)
+        attn = (_gram(a, b, num_heads) * _scale(qkv, num_heads, version)).softmax(-1)
+        return _apply(c, attn.transpose(-1, -2), c.new_empty(c.shape), num_heads), attn
+
+    @_channel_attention_op.register_fake
+    def _(qkv, num_heads, version):
+        B, N, C3 = qkv.shape
+        d = C3 // (3 * num_heads)
+        return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(B * num_heads, d, d, dtype=torch.float32)
+
+    @torch.library.custom_op("metamixer::channel_attention_backward", mutates_args=())
+    def _channel_attention_bwd_op(grad: torch.Tensor, qkv: torch.Tensor, attn: torch.Tensor, num_heads: int,
+                                  version: int) -> torch.Tensor:
+        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        a, b, c = _roles(qkv, version)
+        g_attn = _gram(grad, c, num_heads)
+        g_s = attn * (g_attn - (g_attn * attn).sum(-1, keepdim=True)) * _scale(qkv, num_heads, version)
+        out = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        g_a, g_b, g_c = _roles(out, version)
+        _apply(grad, attn, g_c, num_heads)
+        _apply(b, g_s.transpose(-1, -2), g_a, num_heads)
+        _apply(a, g_s, g_b, num_heads)
+        return out
+
+    @_channel_attention_bwd_op.register_fake
+    def _(grad, qkv, attn, num_heads, version):
+        return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+    def _setup_context(ctx, inputs, output):
+        qkv, num_heads, version = inputs
+        ctx.save_for_backward(qkv, output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.num_heads, ctx.version = num_heads, version
+
+    def _backward(ctx, grad, _grad_attn):
+        qkv, attn = ctx.saved_tensors
+        return _channel_attention_bwd_op(grad, qkv, attn, ctx.num_heads, ctx.version), None, None
+
+    _channel_attention_op.register_autograd(_backward, setup_context=_setup_context)
