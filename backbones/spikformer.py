@@ -41,7 +41,9 @@ Differences from the official code, none of which changes the function computed 
   * Any input size works (max-pools round up); the official reshapes need H, W divisible by 16 (ImageNet),
     4 (CIFAR) or exactly 128 (DVS).
   * Attention is computed as ``q @ (k^T @ v)`` in every variant (the cheaper order); q, k, v are 0/1 spikes so both
-    orders give exactly the same integers, and the power-of-two scale keeps them exact.
+    orders give exactly the same integers, and the power-of-two scale keeps them exact. It runs with its ``attn_lif``
+    as one op, ``ops.spiking_attention`` (a fused Triton kernel on CUDA); the LIF is elementwise, so applying it
+    before folding the heads back into channels changes nothing.
 
 Multi-head split: channel ``c`` belongs to head ``c // (C / heads)``, as in the official reshape. Heads do not change
 the parameter count; the official code fixes 8 heads for ImageNet (8-512) and 16 for CIFAR10-DVS (2-256), and
@@ -67,6 +69,7 @@ from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, genera
 from timm.models._features import feature_take_indices
 
 from ops.lif import MultiStepLIF
+from ops.spiking_attention import spiking_attention
 
 from ._common import check_input, check_state_dict, unwrap_checkpoint
 
@@ -132,9 +135,10 @@ class SpikingSelfAttention(nn.Module):
             return t.reshape(T, B, self.num_heads, C // self.num_heads, H * W).transpose(-1, -2)
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        x = (q @ (k.transpose(-2, -1) @ v)) * self.scale  # integer spike counts times a power of two: exact
-        x = x.transpose(-1, -2).reshape(T, B, C, H, W)
-        return self.proj(self.attn_lif(x))
+        lif = self.attn_lif  # attn_lif((q @ (k^T @ v)) * scale), one fused op (see ops/spiking_attention.py)
+        x = spiking_attention(q, k, v, self.scale, lif.tau, lif.v_threshold, lif.v_reset, lif.detach_reset,
+                              lif.decay_input, lif.alpha)
+        return self.proj(x.transpose(-1, -2).reshape(T, B, C, H, W))
 
 
 class SpikingMlp(nn.Module):

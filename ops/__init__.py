@@ -12,3 +12,4 @@ from .window_attention import window_attention, window_attention_reference
 from .aggregated_attention import aggregated_attention, aggregated_attention_reference
 from .lif import MultiStepLIF, lif_multistep, lif_multistep_reference
 from .halo_attention import halo_attention, halo_attention_reference
+from .spiking_attention import spiking_attention, spiking_attention_reference
