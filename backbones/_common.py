@@ -4,12 +4,18 @@ Kept deliberately small; anything timm or torch already offers is used from ther
 """
 from __future__ import annotations
 
+import argparse
 from typing import Any, Dict, Iterable, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
 __all__ = ["unwrap_checkpoint", "check_state_dict", "check_input"]
+
+# Training checkpoints written by timm-style scripts (FFNet, VAN, TransNeXt, OverLoCK releases) pickle the run's
+# argparse.Namespace next to the weights. timm downloads pretrained URLs with torch.load(weights_only=True), which
+# refuses any class it does not know; a Namespace is plain data, so allow it (tested in tests/test_pretrained_download.py).
+torch.serialization.add_safe_globals([argparse.Namespace])
 
 # Nesting keys seen in published checkpoints, in order of preference (EMA first, as timm's loader does).
 _NEST_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module", "net", "params")
