@@ -34,7 +34,8 @@ permuted value views, split attention slices). Three kernels, each program ownin
     of na2d_qk and the value-gradient of na2d_av, gathered (deterministic, no atomics). Along an axis the pixels
     whose window holds ``x`` form a contiguous run of its dilation group, with closed-form ends (``_inverse_range``).
 The rpb gradient is the logits' gradient summed over the batch and scattered with :func:`na2d_rpb`'s index map.
-Both ops are registered with ``torch.library.custom_op`` (``metamixer::na2d_qk``, ``metamixer::na2d_av``, helper
+Eager calls run the kernels through ``torch.autograd.Function`` (low per-call overhead); under ``torch.compile``
+both ops are registered with ``torch.library.custom_op`` (``metamixer::na2d_qk``, ``metamixer::na2d_av``, helper
 ``metamixer::na2d_inverse``) with their backward registered, so they run under ``torch.compile`` as opaque ops and
 under autocast (operands are cast to the autocast dtype, as ``einsum`` would be).
 """
@@ -164,7 +165,9 @@ def na2d_qk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: 
         _check_window(length, kernel_size, dilation)
     query, key = _cast(query, key, "na2d_qk")
     with torch.autocast(query.device.type, enabled=False):
-        return torch.ops.metamixer.na2d_qk(query, key, rpb, kernel_size, dilation)
+        if torch.compiler.is_compiling():
+            return torch.ops.metamixer.na2d_qk(query, key, rpb, kernel_size, dilation)
+        return _QKFunction.apply(query, key, rpb, kernel_size, dilation)
 
 
 def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation: int = 1,
@@ -179,7 +182,9 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation:
         _check_window(length, kernel_size, dilation)
     attn, value = _cast(attn, value, "na2d_av")
     with torch.autocast(value.device.type, enabled=False):
-        return torch.ops.metamixer.na2d_av(attn, value, kernel_size, dilation)
+        if torch.compiler.is_compiling():
+            return torch.ops.metamixer.na2d_av(attn, value, kernel_size, dilation)
+        return _AVFunction.apply(attn, value, kernel_size, dilation)
 
 
 # ---- Triton kernels --------------------------------------------------------------------------------------------
@@ -416,3 +421,35 @@ if triton_available():
 
     _na2d_qk_op.register_autograd(_qk_backward, setup_context=_qk_setup)
     _na2d_av_op.register_autograd(_av_backward, setup_context=_av_setup)
+
+    # Eager calls: the same launchers through plain autograd.Functions. A torch.library.custom_op costs ~40-60 us
+    # of Python dispatch per call (measured on an H100 for ops/dwconv.py and ops/lif.py), which dominated these ops'
+    # forward+backward at OverLoCK's shapes; the custom ops above remain the torch.compile path.
+    class _QKFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, query, key, rpb, kernel_size, dilation):
+            _qk_setup(ctx, (query, key, rpb, kernel_size, dilation), None)
+            return _launch_dot(query, key, rpb.contiguous() if rpb is not None else None, kernel_size, dilation)
+
+        @staticmethod
+        def backward(ctx, grad):
+            query, key, rpb = ctx.saved_tensors
+            k, dil = ctx.kernel_size, ctx.dilation
+            gq = _launch_sum(grad, key, k, dil) if ctx.needs_input_grad[0] else None
+            gk = _launch_inv(grad, query, k, dil) if ctx.needs_input_grad[1] else None
+            grpb = _rpb_grad(grad, rpb, k, dil) if rpb is not None and ctx.needs_input_grad[2] else None
+            return gq, gk, grpb, None, None
+
+    class _AVFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, attn, value, kernel_size, dilation):
+            _av_setup(ctx, (attn, value, kernel_size, dilation), None)
+            return _launch_sum(attn, value, kernel_size, dilation)
+
+        @staticmethod
+        def backward(ctx, grad):
+            attn, value = ctx.saved_tensors
+            k, dil = ctx.kernel_size, ctx.dilation
+            ga = _launch_dot(grad, value, None, k, dil) if ctx.needs_input_grad[0] else None
+            gv = _launch_inv(attn, grad, k, dil) if ctx.needs_input_grad[1] else None
+            return ga, gv, None, None
