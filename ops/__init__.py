@@ -13,3 +13,4 @@ from .aggregated_attention import aggregated_attention, aggregated_attention_ref
 from .lif import MultiStepLIF, lif_multistep, lif_multistep_reference
 from .halo_attention import halo_attention, halo_attention_reference
 from .spiking_attention import spiking_attention, spiking_attention_reference
+from .fake_quant import lsq_fake_quant, lsq_fake_quant_reference, statsq_fake_quant, statsq_fake_quant_reference

@@ -43,6 +43,12 @@ def load_eval_model(model_name: str, model_kwargs: Optional[Dict[str, Any]], num
             raise _class_mismatch(f"exported model {ckpt!r}", model.num_classes, num_classes)
         return model, f"export {ckpt}"
     if ckpt:
+        from backbones.quant import is_ofq_export, load_quantized, quantize_for_checkpoint
+        if is_ofq_export(ckpt):  # integer weights + scales written by backbones.quant.export
+            model = load_quantized(ckpt)
+            if model.num_classes != num_classes:
+                raise _class_mismatch(f"OFQ export {ckpt!r}", model.num_classes, num_classes)
+            return model, f"OFQ export {ckpt}"
         state = read_checkpoint(ckpt)
         hp = state.get("hyper_parameters") if isinstance(state, dict) else None
         if hp and "model_name" in hp and "state_dict" in state:  # Lightning checkpoint from train.py
@@ -51,6 +57,7 @@ def load_eval_model(model_name: str, model_kwargs: Optional[Dict[str, Any]], num
             model = create_model(hp["model_name"], num_classes=hp["num_classes"], **(hp.get("model_kwargs") or {}))
             if hp.get("freeze_bn"):
                 model = freeze_batch_norm_2d(model)
+            quantize_for_checkpoint(model, state)  # an OFQ (quantization-aware) run: same quantized layers
             sd = state["state_dict"]
             prefix = "ema.module." if use_ema and any(k.startswith("ema.module.") for k in sd) else "model."
             model.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})

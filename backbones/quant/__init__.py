@@ -1,0 +1,31 @@
+"""OFQ (oscillation-free quantization for low-bit vision transformers, Liu et al., ICML 2023; official code
+nbasyl/OFQ) for every hub family: quantizers, the layer policy, CGA, the oscillation metric, QKR, the Lightning
+callback (``callbacks=ofq``) and export of integer weights + scales.
+
+Layer policy (``quantize_model``; include/exclude patterns configurable):
+  * all families: stem / patch embedding (``pretrained_cfg['first_conv']``) and classifier at 8 bits (LSQ weights
+    and inputs); every other ``nn.Conv2d`` (dense, 1x1, depthwise / large-kernel token mixers, downsampling) and
+    ``nn.Linear`` at ``wbits`` (StatsQ weights, per output channel) with ``abits`` LSQ inputs between learnable
+    shifts; norms, softmax, GELU/LIF and other non-linearities, residual adds and position-bias MLPs (``*cpb*``,
+    ``*rpb*``) full precision; MLP ``fc2`` inputs unsigned (official), other input signs detected on the first
+    batch;
+  * attention families: outputs of q/k/v projections (``*qkv``, ``*.q``, ``*.k``, ``*.v``, ``*.kv``: DaViT,
+    TransNeXt, HaloNet) quantized at ``abits``; attention probabilities quantized (unsigned, per query token) and
+    optional QKR for DaViT's spatial window attention (``backbones.quant.attention``); in the other attention ops
+    the softmax runs inside a fused op and the probabilities stay full precision;
+  * conv / MLP families (FFNet, VAN, OverLoCK, MS-MLP): the analogous policy above; layers whose weights a fused
+    op reads without calling the layer (VAN's LKA, MS-MLP's mix-shift) get quantized weights and full-precision
+    inputs (role ``weight_only``);
+  * Spikformer: convs and linears as above; q/k/v are already binary spikes (no extra output quantizer).
+"""
+from .attention import QuantWindowAttention, attention_modules, quantize_attention
+from .callback import OFQ
+from .export import export_checkpoint, export_quantized, is_ofq_export, load_quantized, quantize_for_checkpoint
+from .modules import QUANT_LAYERS, QuantConfig, QuantConv2d, QuantLinear, quantize_model, quantized_layers
+from .oscillation import OscillationTracker, cga_free_mask
+from .quantizers import LSQQuantizer, LearnableShift, StatsQ
+
+__all__ = ["OFQ", "QUANT_LAYERS", "QuantConfig", "QuantConv2d", "QuantLinear", "QuantWindowAttention",
+           "attention_modules", "cga_free_mask", "export_checkpoint", "export_quantized", "is_ofq_export",
+           "load_quantized", "LSQQuantizer", "LearnableShift", "OscillationTracker", "quantize_attention",
+           "quantize_for_checkpoint", "quantize_model", "quantized_layers", "StatsQ"]
