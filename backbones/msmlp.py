@@ -28,6 +28,7 @@ dropout after the stem; 0 in all official configs); ``drop_path_rate`` defaults 
 """
 from __future__ import annotations
 
+import collections
 import re
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -267,6 +268,13 @@ def _official_key(k: str) -> str:
         k = k.replace(old, new)
     k = re.sub(r"^norm\.", "head.norm.", k)
     return re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", k)
+
+
+# The released files are Swin-style training checkpoints that pickle the run's yacs CfgNode under 'config'. timm
+# downloads with torch.load(weights_only=True), which refuses unknown classes; CfgNode is a dict subclass with one
+# attribute, so let the safe unpickler read it as a collections.Counter (also a dict subclass with a __dict__): the
+# weights load without yacs and without unpickling arbitrary code (tests/test_pretrained_download.py).
+torch.serialization.add_safe_globals([(collections.Counter, "yacs.config.CfgNode")])
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: MSMLP) -> Dict[str, torch.Tensor]:
