@@ -88,8 +88,6 @@ def test_mix_shift_errors():
         mix_shift(x, w, b, (-2, -1, 0, 1, 2))
     with pytest.raises(ValueError, match="odd sizes"):
         mix_shift_reference(torch.randn(1, 5, 4, 4), [[torch.randn(1, 1, 2, 2)] * 5] * 2, b, (-2, -1, 0, 1, 2))
-    with pytest.raises(ValueError, match="use impl='reference'"):  # no Triton kernel yet
-        mix_shift(torch.randn(1, 5, 4, 4), [[torch.randn(1, 1, 1, 1)] * 5] * 2, b, (-2, -1, 0, 1, 2), impl="triton")
 
 
 # ---- parity with the official code --------------------------------------------------------------------------------
