@@ -15,7 +15,9 @@ __all__ = ["unwrap_checkpoint", "check_state_dict", "check_input"]
 # Training checkpoints written by timm-style scripts (FFNet, VAN, TransNeXt, OverLoCK releases) pickle the run's
 # argparse.Namespace next to the weights. timm downloads pretrained URLs with torch.load(weights_only=True), which
 # refuses any class it does not know; a Namespace is plain data, so allow it (tested in tests/test_pretrained_download.py).
-torch.serialization.add_safe_globals([argparse.Namespace])
+# Registered under its name (a (class, name) entry): timm's own loader wraps loads in
+# `torch.serialization.safe_globals([argparse.Namespace])`, whose exit removes a plain class entry again.
+torch.serialization.add_safe_globals([(argparse.Namespace, "argparse.Namespace")])
 
 # Nesting keys seen in published checkpoints, in order of preference (EMA first, as timm's loader does).
 _NEST_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module", "net", "params")
