@@ -7,7 +7,7 @@ importable and the op has a kernel for the arguments; otherwise the reference. `
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 from typing import Optional
 
@@ -17,13 +17,11 @@ ENV_VAR = "METAMIXER_OPS_IMPL"
 _CHOICES = ("auto", "reference", "triton")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON = importlib.util.find_spec("triton") is not None  # a plain constant: torch.compile traces it freely
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return _TRITON
 
 
 def interpreting() -> bool:
