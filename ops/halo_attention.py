@@ -21,16 +21,39 @@ Semantics of ``halo_attention(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_si
 * softmax over the ``win*win`` window positions, weighted sum of ``v``.
 * Output ``(B, nh*dv, H/stride, W/stride)``, channel ``h*dv + c`` for head ``h`` (heads-major), contiguous NCHW.
 
-Each batch element and head is independent. The ``torch.compile`` story is that of plain PyTorch ops.
+Each batch element and head is independent.
+
+Triton path (``impl='triton'``; ``auto`` keeps the reference until the kernels are measured on a GPU, see
+``benchmarks/bench_halo.py``): fp32/fp16/bf16 (fp32 accumulation, fp32 ``tl.dot`` in IEEE precision; under autocast
+all operands are cast to the autocast dtype, as the reference's matmuls would be), any input strides (the model's
+k/v are views into one conv output, channels-last under AMP), any head dims (padded to powers of two; q/k head
+<= 128, <= 32 in fp32), strided queries, windows up to 16 x 16 (``block_size + 2*halo_size <= 16``: every HaloNet
+here but H5). Other arguments: the reference (``auto``), or an error (``impl='triton'``).
+
+* One program per (batch*head, block, chunk of the block's queries; by default as many queries as keep the logits
+  tile at 16K values in the forward, 8K in the backward, half that in fp32: e.g. 64 = H1's whole 8 x 8 block
+  forward, 32 backward): the queries against the whole window, read straight from ``k``/``v`` with masked loads
+  (``other=0``: the zero halo takes part in the softmax, as above), laid out as a ``WP x WP`` tile
+  (``WP = next_pow2(win)``; rows/columns ``>= win`` are the only masked-out positions).
+* Relative logits: ``q @ rel_pos_h^T`` once per program (``queries x (2*win-1)``), ``tl.gather`` by
+  ``ky - qy + win - 1`` into one logit per (query, window row), spread over the window's positions by a matmul with
+  a one-hot (row -> position) matrix (columns likewise); the backward sums the logits' gradient per row with the
+  transposed one-hot matmul and gathers it back to the offsets.
+* Forward: one softmax over the window, times ``v`` 64 value channels at a time; stores the output and the row
+  logsumexp. Backward: recomputes logits and probabilities, writes ``dq`` per program, adds ``dk``/``dv`` window
+  by window into fp32 buffers with atomics (halos overlap between neighbouring windows, so the summation order is
+  not deterministic) and writes the relative tables' gradient per program (summed afterwards).
+* Eager calls go through a ``torch.autograd.Function``; under ``torch.compile`` the kernels are the custom ops
+  ``metamixer::halo_attention_fwd`` / ``metamixer::halo_attention_bwd`` (opaque, backward registered).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import resolve_impl
+from ._dispatch import resolve_impl, triton_available
 
 __all__ = ["halo_attention", "halo_attention_reference"]
 
@@ -99,10 +122,281 @@ def halo_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.reshape(B, nh * dv, nbh * bq, nbw * bq)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# One program holds the whole window (<= 16 x 16 keys) and the q/k head; in fp32 (IEEE dots) a q/k head of 64
+# needs more shared memory than an H100 block has (ptxas for sm_90: 253 KiB), so fp32 takes heads <= 32.
+_MAX_WIN, _MAX_DQK, _MAX_DQK_FP32 = 16, 128, 32
+
+
+def _kernel_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels compute in: the autocast dtype under autocast (the reference's matmuls would be
+    cast to it), else the inputs' own."""
+    return torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+
+
+def _triton_supported(dt: torch.dtype, tensors, dqk: int, block_size: int, halo_size: int) -> bool:
+    return (dt in _KERNEL_DTYPES and all(t.dtype in _KERNEL_DTYPES for t in tensors)
+            and block_size + 2 * halo_size <= _MAX_WIN
+            and dqk <= (_MAX_DQK_FP32 if dt == torch.float32 else _MAX_DQK))
+
+
 def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
                    block_size: int, halo_size: int, stride: int = 1,
                    scale: Optional[float] = None, impl: Optional[str] = None) -> torch.Tensor:
-    """Dispatcher: Triton kernels on CUDA where available (see ``ops._dispatch``), else the reference."""
-    resolve_impl(impl, q, supported=False)  # no Triton kernel yet: validates ``impl``; 'triton' raises clearly
-    return halo_attention_reference(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_size, stride, scale)
+    """Dispatcher: the reference, or the Triton kernels when forced (``impl='triton'`` / ``METAMIXER_OPS_IMPL``).
+
+    ``auto`` keeps the reference (``preferred=False``) until ``benchmarks/bench_halo.py`` has measured the kernels.
+    """
+    tensors = (q, k, v, rel_pos_h, rel_pos_w)
+    dt = _kernel_dtype(q)
+    supported = _triton_supported(dt, tensors, q.shape[2], block_size, halo_size)
+    if resolve_impl(impl, q, supported=supported, preferred=False) == "reference":
+        return halo_attention_reference(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_size, stride, scale)
+    _check_args(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_size, stride)
+    scale = float(q.shape[2] ** -0.5 if scale is None else scale)
+    if not torch.is_autocast_enabled(q.device.type) and any(t.dtype != dt for t in tensors):
+        raise TypeError(f"halo_attention: operand dtypes differ ({', '.join(str(t.dtype) for t in tensors)})")
+    q, k, v, rel_pos_h, rel_pos_w = (t.to(dt) for t in tensors)
+    with torch.autocast(q.device.type, enabled=False):
+        if torch.compiler.is_compiling():
+            return torch.ops.metamixer.halo_attention_fwd(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_size,
+                                                          stride, scale)[0]
+        return _HaloFunction.apply(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_size, stride, scale)
+
+
+# ---- Triton kernels --------------------------------------------------------------------------------------------
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _halo_block(Q, K, RH, RW, pid_bh, pid_blk, pid_c, NH, H, W, NBW, DQK, scale,
+                    sqb, sqh, sqd, sqy, sqx, skb, skh, skd, sky, skx,
+                    BS: tl.constexpr, BQ: tl.constexpr, HALO: tl.constexpr, WIN: tl.constexpr,
+                    BQC: tl.constexpr, WP: tl.constexpr, WK: tl.constexpr, RP: tl.constexpr, DQP: tl.constexpr,
+                    PREC: tl.constexpr):
+        """What both passes need for one (batch*head, block, chunk of BQC of the block's queries): the queries ``q``
+        (BQC x DQP), the window's keys transposed ``kt`` (DQP x WP*WP, zero outside the map), the transposed
+        relative tables, the logits ``s`` (padded window positions -inf), index vectors and masks."""
+        b = (pid_bh // NH).to(tl.int64)
+        h = (pid_bh % NH).to(tl.int64)
+        bi = pid_blk // NBW
+        bj = pid_blk % NBW
+        p = pid_c * BQC + tl.arange(0, BQC)  # query p of the block: (qy, qx) = divmod(p, BQ)
+        qy = p // BQ
+        qx = p % BQ
+        qmask = p < BQ * BQ
+        t = tl.arange(0, WP * WP)  # window position t: (ky, kx) = divmod(t, WP)
+        ky = t // WP
+        kx = t % WP
+        y = bi * BS - HALO + ky
+        x = bj * BS - HALO + kx
+        kvalid = (ky < WIN) & (kx < WIN)
+        inimg = kvalid & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        dq = tl.arange(0, DQP)
+        dqm = dq < DQK
+        q_off = (bi * BQ + qy) * sqy + (bj * BQ + qx) * sqx
+        q = tl.load(Q + b * sqb + h * sqh + q_off[:, None] + (dq * sqd)[None, :],
+                    mask=qmask[:, None] & dqm[None, :], other=0.0)
+        kt = tl.load(K + b * skb + h * skh + (dq * skd)[:, None] + (y * sky + x * skx)[None, :],
+                     mask=dqm[:, None] & inimg[None, :], other=0.0)
+        r = tl.arange(0, RP)
+        rmask = (r < 2 * WIN - 1)[None, :] & dqm[:, None]
+        rht = tl.load(RH + r[None, :] * DQK + dq[:, None], mask=rmask, other=0.0)
+        rwt = tl.load(RW + r[None, :] * DQK + dq[:, None], mask=rmask, other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * scale
+        # relative logits: q . rel_pos_h[ky - qy + WIN - 1] = (q @ rel_pos_h^T)[p, ky - qy + WIN - 1]
+        ah = tl.dot(q, rht, input_precision=PREC)  # (BQC, RP)
+        aw = tl.dot(q, rwt, input_precision=PREC)
+        # per window row ky (column kx): (BQC, WK), then spread over the WP*WP positions with one-hot matmuls
+        w = tl.arange(0, WK)  # WK = max(WP, 16) for tl.dot; rows >= WP match no position
+        eh = tl.gather(ah, tl.minimum(tl.maximum(w[None, :] - qy[:, None] + WIN - 1, 0), RP - 1), axis=1)
+        ew = tl.gather(aw, tl.minimum(tl.maximum(w[None, :] - qx[:, None] + WIN - 1, 0), RP - 1), axis=1)
+        onehot_y = (ky[None, :] == w[:, None]).to(q.dtype)  # (WK, WP*WP)
+        onehot_x = (kx[None, :] == w[:, None]).to(q.dtype)
+        s += (tl.dot(eh.to(q.dtype), onehot_y, input_precision=PREC)
+              + tl.dot(ew.to(q.dtype), onehot_x, input_precision=PREC))
+        s = tl.where(kvalid[None, :], s, float("-inf"))
+        return q, kt, rht, rwt, s, b * NH + h, b, h, bi, bj, qy, qx, qmask, y, x, inimg, dq, dqm, r, onehot_y, onehot_x
+
+    @triton.jit
+    def _halo_fwd_kernel(Q, K, V, RH, RW, Out, Lse, NH, H, W, HQ, WQ, NBW, DQK, DV, scale,
+                         sqb, sqh, sqd, sqy, sqx, skb, skh, skd, sky, skx, svb, svh, svd, svy, svx,
+                         BS: tl.constexpr, BQ: tl.constexpr, HALO: tl.constexpr, WIN: tl.constexpr,
+                         BQC: tl.constexpr, WP: tl.constexpr, WK: tl.constexpr, RP: tl.constexpr, DQP: tl.constexpr,
+                         BDV: tl.constexpr, PREC: tl.constexpr):
+        """Out (B, NH, DV, HQ, WQ) contiguous, Lse (B, NH, HQ, WQ) fp32: softmax over the whole window at once,
+        then the probabilities times v, BDV value channels at a time."""
+        pid_bh, pid_blk, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        q, kt, rht, rwt, s, bh, b, h, bi, bj, qy, qx, qmask, y, x, inimg, dq, dqm, r, _, _ = _halo_block(
+            Q, K, RH, RW, pid_bh, pid_blk, pid_c, NH, H, W, NBW, DQK, scale,
+            sqb, sqh, sqd, sqy, sqx, skb, skh, skd, sky, skx, BS, BQ, HALO, WIN, BQC, WP, WK, RP, DQP, PREC)
+        m = tl.max(s, axis=1)
+        e = tl.exp(s - m[:, None])
+        denom = tl.sum(e, axis=1)
+        prob = (e / denom[:, None]).to(q.dtype)
+        pix = (bi * BQ + qy) * WQ + bj * BQ + qx
+        v_ptr = V + b * svb + h * svh + (y * svy + x * svx)[:, None]
+        o_ptr = Out + bh * DV * HQ * WQ + pix[:, None]
+        for c0 in range(0, DV, BDV):
+            dv = c0 + tl.arange(0, BDV)
+            dvm = dv < DV
+            v = tl.load(v_ptr + (dv * svd)[None, :], mask=inimg[:, None] & dvm[None, :], other=0.0)
+            o = tl.dot(prob, v, input_precision=PREC)  # (BQC, BDV)
+            tl.store(o_ptr + (dv * HQ * WQ)[None, :], o.to(Out.dtype.element_ty), mask=qmask[:, None] & dvm[None, :])
+        tl.store(Lse + bh * HQ * WQ + pix, m + tl.log(denom), mask=qmask)
+
+    @triton.jit
+    def _halo_bwd_kernel(Q, K, V, RH, RW, Out, Lse, GO, DQ, DK, DVg, DR, NH, H, W, HQ, WQ, NBW, DQK, DV, scale,
+                         sqb, sqh, sqd, sqy, sqx, skb, skh, skd, sky, skx, svb, svh, svd, svy, svx,
+                         sgb, sgh, sgd, sgy, sgx,
+                         BS: tl.constexpr, BQ: tl.constexpr, HALO: tl.constexpr, WIN: tl.constexpr,
+                         BQC: tl.constexpr, WP: tl.constexpr, WK: tl.constexpr, RP: tl.constexpr, DQP: tl.constexpr,
+                         BDV: tl.constexpr, PREC: tl.constexpr):
+        """Recompute the block's probabilities from Lse; DQ (like Q, contiguous) stored, DK/DVg (fp32, contiguous
+        (B, NH, D, H, W)) accumulated with atomics, DR (fp32, (programs, 2, RP, DQP)) this program's table grads."""
+        pid_bh, pid_blk, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        block = _halo_block(Q, K, RH, RW, pid_bh, pid_blk, pid_c, NH, H, W, NBW, DQK, scale,
+                            sqb, sqh, sqd, sqy, sqx, skb, skh, skd, sky, skx, BS, BQ, HALO, WIN, BQC, WP, WK, RP, DQP,
+                            PREC)
+        q, kt, rht, rwt, s, bh, b, h, bi, bj, qy, qx, qmask, y, x, inimg, dq, dqm, r, onehot_y, onehot_x = block
+        dt = q.dtype
+        pix = (bi * BQ + qy) * WQ + bj * BQ + qx
+        lse = tl.load(Lse + bh * HQ * WQ + pix, mask=qmask, other=0.0)
+        prob = tl.exp(s - lse[:, None])  # (BQC, WP*WP); padded window positions: exp(-inf) = 0
+        v_ptr = V + b * svb + h * svh + (y * svy + x * svx)[:, None]
+        o_ptr = Out + bh * DV * HQ * WQ + pix[:, None]
+        g_ptr = GO + b * sgb + h * sgh + ((bi * BQ + qy) * sgy + (bj * BQ + qx) * sgx)[:, None]
+        delta = tl.zeros((BQC,), dtype=tl.float32)
+        dp = tl.zeros((BQC, WP * WP), dtype=tl.float32)
+        for c0 in range(0, DV, BDV):  # dp = dO v^T and delta = rowsum(dO * O), BDV value channels at a time
+            dv = c0 + tl.arange(0, BDV)
+            dvm = dv < DV
+            om = qmask[:, None] & dvm[None, :]
+            o = tl.load(o_ptr + (dv * HQ * WQ)[None, :], mask=om, other=0.0).to(tl.float32)
+            go = tl.load(g_ptr + (dv * sgd)[None, :], mask=om, other=0.0).to(dt)
+            v = tl.load(v_ptr + (dv * svd)[None, :], mask=inimg[:, None] & dvm[None, :], other=0.0)
+            delta += tl.sum(go.to(tl.float32) * o, axis=1)
+            dp += tl.dot(go, tl.trans(v), input_precision=PREC)
+        ds = prob * (dp - delta[:, None])  # gradient of the logits
+        dsl = ds.to(dt)
+        # relative logits: gradient per (query, ky) summed over kx, then moved to offset r = ky - qy + WIN - 1
+        ky_r = r[None, :] + qy[:, None] - (WIN - 1)  # (BQC, RP): the ky that reads offset r
+        kx_r = r[None, :] + qx[:, None] - (WIN - 1)
+        dsh = tl.dot(dsl, tl.trans(onehot_y), input_precision=PREC)  # (BQC, WK)
+        dsw = tl.dot(dsl, tl.trans(onehot_x), input_precision=PREC)
+        dah = tl.gather(dsh, tl.minimum(tl.maximum(ky_r, 0), WK - 1), axis=1)
+        daw = tl.gather(dsw, tl.minimum(tl.maximum(kx_r, 0), WK - 1), axis=1)
+        dah = tl.where((ky_r >= 0) & (ky_r < WIN), dah, 0.0).to(dt)
+        daw = tl.where((kx_r >= 0) & (kx_r < WIN), daw, 0.0).to(dt)
+        dqv = (tl.dot(dsl, tl.trans(kt), input_precision=PREC) * scale
+               + tl.dot(dah, tl.trans(rht), input_precision=PREC) + tl.dot(daw, tl.trans(rwt), input_precision=PREC))
+        tl.store(DQ + bh * DQK * HQ * WQ + pix[:, None] + (dq * HQ * WQ)[None, :], dqv.to(DQ.dtype.element_ty),
+                 mask=qmask[:, None] & dqm[None, :])
+        prog = (pid_bh * tl.num_programs(1) + pid_blk) * tl.num_programs(2) + pid_c
+        dr = DR + prog * 2 * RP * DQP + r[:, None] * DQP + dq[None, :]
+        tl.store(dr, tl.dot(tl.trans(dah), q, input_precision=PREC))
+        tl.store(dr + RP * DQP, tl.dot(tl.trans(daw), q, input_precision=PREC))
+        pos = (y * W + x)[:, None]
+        dk = tl.dot(tl.trans(dsl), q, input_precision=PREC) * scale  # (WP*WP, DQP)
+        tl.atomic_add(DK + bh * DQK * H * W + pos + (dq * H * W)[None, :], dk, mask=inimg[:, None] & dqm[None, :])
+        probt = tl.trans(prob.to(dt))
+        for c0 in range(0, DV, BDV):
+            dv = c0 + tl.arange(0, BDV)
+            dvm = dv < DV
+            go = tl.load(g_ptr + (dv * sgd)[None, :], mask=qmask[:, None] & dvm[None, :], other=0.0).to(dt)
+            dvv = tl.dot(probt, go, input_precision=PREC)  # (WP*WP, BDV)
+            tl.atomic_add(DVg + bh * DV * H * W + pos + (dv * H * W)[None, :], dvv,
+                          mask=inimg[:, None] & dvm[None, :])
+
+    def _meta(q, k, v, block_size, halo_size, stride, q_chunk, max_tile):
+        """Grid, compile-time constants and sizes. ``q_chunk``: queries per program (a power of two >= 16), a tuning
+        knob for ``benchmarks/bench_halo.py``; None: as many as keep the logits tile at ``max_tile`` values (half
+        that for fp32), which kept the compiled kernels' register spills small (ptxas for sm_90, H1's shapes).
+        Smaller chunks need fewer registers, but the window is read, and in the backward added, once per chunk."""
+        B, nh, dqk, H, W = k.shape
+        bq, win = block_size // stride, block_size + 2 * halo_size
+        p2 = triton.next_power_of_2
+        wp = max(4, p2(win))
+        max_tile //= q.element_size() // 2
+        bqc = max(16, min(q_chunk or max_tile // (wp * wp), p2(bq * bq)))
+        meta = dict(BS=block_size, BQ=bq, HALO=halo_size, WIN=win, BQC=bqc, WP=wp, WK=max(16, wp),
+                    RP=max(16, p2(2 * win - 1)),
+                    DQP=max(16, p2(dqk)), BDV=min(64, max(16, p2(v.shape[2]))),
+                    PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if win > 8 else 4)
+        grid = (B * nh, (H // block_size) * (W // block_size), triton.cdiv(bq * bq, bqc))
+        return grid, meta, (nh, H, W, H // stride, W // stride, W // block_size, dqk, v.shape[2])
+
+    def _launch_fwd(q, k, v, rel_h, rel_w, block_size, halo_size, stride, scale, q_chunk=None):
+        grid, meta, dims = _meta(q, k, v, block_size, halo_size, stride, q_chunk, max_tile=16384)
+        B, nh, dv = q.shape[0], q.shape[1], v.shape[2]
+        out = q.new_empty(B, nh, dv, q.shape[3], q.shape[4])
+        lse = q.new_empty(B, nh, q.shape[3], q.shape[4], dtype=torch.float32)
+        _halo_fwd_kernel[grid](q, k, v, rel_h.contiguous(), rel_w.contiguous(), out, lse, *dims, scale,
+                               *q.stride(), *k.stride(), *v.stride(), **meta)
+        return out.view(B, nh * dv, q.shape[3], q.shape[4]), lse
+
+    def _launch_bwd(grad, q, k, v, rel_h, rel_w, out, lse, block_size, halo_size, stride, scale, q_chunk=None):
+        grid, meta, dims = _meta(q, k, v, block_size, halo_size, stride, q_chunk, max_tile=8192)
+        B, nh, dqk = q.shape[:3]
+        go = grad.unflatten(1, (nh, v.shape[2]))  # any strides (e.g. a channels-last gradient)
+        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+        dr = torch.empty(grid[0] * grid[1] * grid[2], 2, meta["RP"], meta["DQP"], device=q.device,
+                         dtype=torch.float32)
+        _halo_bwd_kernel[grid](q, k, v, rel_h.contiguous(), rel_w.contiguous(), out, lse, go, dq, dk, dv, dr,
+                               *dims, scale, *q.stride(), *k.stride(), *v.stride(), *go.stride(), **meta)
+        drh, drw = (dr[:, i, :rel_h.shape[0], :dqk].sum(0).to(rel_h.dtype) for i in (0, 1))
+        return dq, dk.to(k.dtype), dv.to(v.dtype), drh, drw
+
+    @torch.library.custom_op("metamixer::halo_attention_fwd", mutates_args=())
+    def _halo_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
+                     rel_pos_w: torch.Tensor, block_size: int, halo_size: int, stride: int,
+                     scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _launch_fwd(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_size, stride, scale)
+
+    @_halo_fwd_op.register_fake
+    def _(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_size, stride, scale):
+        B, nh, _, hq, wq = q.shape
+        return q.new_empty(B, nh * v.shape[2], hq, wq), q.new_empty(B, nh, hq, wq, dtype=torch.float32)
+
+    @torch.library.custom_op("metamixer::halo_attention_bwd", mutates_args=())
+    def _halo_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
+                     rel_pos_w: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, block_size: int, halo_size: int,
+                     stride: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor]:
+        return _launch_bwd(grad, q, k, v, rel_pos_h, rel_pos_w, out, lse, block_size, halo_size, stride, scale)
+
+    @_halo_bwd_op.register_fake
+    def _(grad, q, k, v, rel_pos_h, rel_pos_w, out, lse, block_size, halo_size, stride, scale):
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(rel_pos_h),
+                torch.empty_like(rel_pos_w))
+
+    def _setup(ctx, inputs, output):
+        q, k, v, rel_h, rel_w, block_size, halo_size, stride, scale = inputs
+        ctx.save_for_backward(q, k, v, rel_h, rel_w, *output)
+        ctx.args = (block_size, halo_size, stride, scale)
+
+    def _backward(ctx, grad, grad_lse):  # lse is an internal output: its gradient is never used
+        q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
+        grads = _halo_bwd_op(grad, q, k, v, rel_h, rel_w, out, lse, *ctx.args)
+        return (*grads, None, None, None, None)
+
+    _halo_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+    class _HaloFunction(torch.autograd.Function):
+        """Eager path: the launchers without the custom-op dispatch overhead (see ops/na2d.py)."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, rel_h, rel_w, block_size, halo_size, stride, scale):
+            out, lse = _launch_fwd(q, k, v, rel_h, rel_w, block_size, halo_size, stride, scale)
+            _setup(ctx, (q, k, v, rel_h, rel_w, block_size, halo_size, stride, scale), (out, lse))
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
+            grads = _launch_bwd(grad, q, k, v, rel_h, rel_w, out, lse, *ctx.args)
+            return (*grads, None, None, None, None)
