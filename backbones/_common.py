@@ -5,12 +5,13 @@ Kept deliberately small; anything timm or torch already offers is used from ther
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.models._features import feature_take_indices
 
-__all__ = ["unwrap_checkpoint", "check_state_dict", "check_input"]
+__all__ = ["unwrap_checkpoint", "check_state_dict", "check_input", "stage_intermediates"]
 
 # Training checkpoints written by timm-style scripts (FFNet, VAN, TransNeXt, OverLoCK releases) pickle the run's
 # argparse.Namespace next to the weights. timm downloads pretrained URLs with torch.load(weights_only=True), which
@@ -97,3 +98,31 @@ def check_input(x: torch.Tensor, in_chans: int, min_size: int = 1, multiple: Opt
         raise ValueError(f"{name} needs inputs of at least {min_size}x{min_size} pixels, got {h}x{w}")
     if multiple and (h % multiple or w % multiple):
         raise ValueError(f"{name} needs input height and width divisible by {multiple}, got {h}x{w}")
+
+
+def stage_intermediates(
+        x: torch.Tensor,
+        stages: Sequence[nn.Module],
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        intermediates_only: bool = False,
+        final_norm: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        run: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    """The body of timm's ``forward_intermediates`` for a model that is a stem (already applied to ``x``) followed by
+    ``stages``: the outputs of the stages at ``indices`` (``norm=True`` passes the last stage's through
+    ``final_norm``) and, unless ``intermediates_only``, the final features (through ``final_norm`` when every stage
+    ran). ``run(stage, x)`` replaces ``stage(x)`` where a family runs its stages in a special way."""
+    take_indices, max_index = feature_take_indices(len(stages), indices)
+    last = len(stages) - 1
+    intermediates = []
+    for i, stage in enumerate(stages[:max_index + 1] if stop_early else stages):
+        x = run(stage, x) if run is not None else stage(x)
+        if i in take_indices:
+            intermediates.append(final_norm(x) if norm and final_norm is not None and i == last else x)
+    if intermediates_only:
+        return intermediates
+    if final_norm is not None and i == last:
+        x = final_norm(x)
+    return x, intermediates

@@ -36,7 +36,7 @@ from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, NormMlpClass
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from backbones._common import check_input, check_state_dict, unwrap_checkpoint
+from backbones._common import check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
 from ops.channel_attention import channel_attention
 from ops.dwconv import DWConv2d
 from ops.window_attention import window_attention
@@ -314,20 +314,9 @@ class DaVit(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError("DaViT's intermediates are NCHW only")
         self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
         x = self.stem(x)
-        last_idx = len(self.stages) - 1
-        stages = self.stages if not stop_early else self.stages[:max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(self.norm_pre(x) if norm and i == last_idx else x)
-        if intermediates_only:
-            return intermediates
-        if i == last_idx:
-            x = self.norm_pre(x)
-        return x, intermediates
+        return stage_intermediates(x, self.stages, indices, norm, stop_early, intermediates_only,
+                                   final_norm=self.norm_pre)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:

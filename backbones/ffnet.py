@@ -38,7 +38,7 @@ from timm.models._features import feature_take_indices
 
 from ops import DWConv2d
 
-from ._common import check_input, check_state_dict, unwrap_checkpoint
+from ._common import check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
 
 __all__ = ["FFNet"]
 
@@ -361,20 +361,8 @@ class FFNet(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError("FFNet's intermediates are NCHW only")
         self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
         x = self.stem(x)
-        last_idx = len(self.stages) - 1
-        stages = self.stages if not stop_early else self.stages[:max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm and i == last_idx else x)
-        if intermediates_only:
-            return intermediates
-        if i == last_idx:
-            x = self.norm(x)
-        return x, intermediates
+        return stage_intermediates(x, self.stages, indices, norm, stop_early, intermediates_only, final_norm=self.norm)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:

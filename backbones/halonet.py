@@ -51,7 +51,7 @@ from timm.models._features import feature_take_indices
 
 from ops.halo_attention import halo_attention
 
-from ._common import check_input, check_state_dict, unwrap_checkpoint
+from ._common import check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
 
 __all__ = ["HaloNet", "StageCfg"]
 
@@ -341,20 +341,9 @@ class HaloNet(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError("HaloNet's intermediates are NCHW only")
         self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-        intermediates = []
         x = self.stem(x)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        for i, stage in enumerate(stages):
-            x = self._run_stage(stage, x)
-            if i in take_indices:
-                intermediates.append(self.final_conv(x) if norm and i == last_idx else x)
-        if intermediates_only:
-            return intermediates
-        if i == last_idx:
-            x = self.final_conv(x)
-        return x, intermediates
+        return stage_intermediates(x, self.stages, indices, norm, stop_early, intermediates_only,
+                                   final_norm=self.final_conv, run=self._run_stage)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:

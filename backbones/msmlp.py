@@ -43,7 +43,7 @@ from timm.models._features import feature_take_indices
 from ops import DWConv2d
 from ops.mix_shift import mix_shift, mix_shift_chunk_sizes
 
-from ._common import check_input, check_state_dict, unwrap_checkpoint
+from ._common import check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
 
 __all__ = ["MSMLP"]
 
@@ -223,17 +223,8 @@ class MSMLP(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError("MSMLP's intermediates are NCHW only")
         self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
         x = self.stem(x)
-        stages = self.stages if not stop_early else self.stages[:max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+        return stage_intermediates(x, self.stages, indices, norm, stop_early, intermediates_only)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:

@@ -44,7 +44,7 @@ from timm.models._manipulate import checkpoint
 from ops import DWConv2d
 from ops.aggregated_attention import aggregated_attention
 
-from ._common import check_input, check_state_dict, unwrap_checkpoint
+from ._common import check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
 
 __all__ = ["TransNeXt"]
 
@@ -410,17 +410,8 @@ class TransNeXt(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError("TransNeXt's intermediates are NCHW only")
         self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
         x = self.patch_embed(x)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+        return stage_intermediates(x, self.stages, indices, norm, stop_early, intermediates_only)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:

@@ -35,7 +35,7 @@ from timm.models._features import feature_take_indices
 from ops import DWConv2d
 from ops.lka import lka
 
-from ._common import check_input, check_state_dict, unwrap_checkpoint
+from ._common import check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
 
 __all__ = ["VAN"]
 
@@ -242,16 +242,7 @@ class VAN(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError("VAN's intermediates are NCHW only")
         self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        stages = self.stages if not stop_early else self.stages[:max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+        return stage_intermediates(x, self.stages, indices, norm, stop_early, intermediates_only)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
