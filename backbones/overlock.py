@@ -241,6 +241,7 @@ class DynamicConvBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.rpb1 = nn.Parameter(torch.zeros(self.num_heads, 2 * smk_size - 1, 2 * smk_size - 1))
         self.rpb2 = nn.Parameter(torch.zeros(self.num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+        self.probs_quant = None  # OFQ (backbones.quant.attention.ContMixProbs) sets a quantizer of the two kernels
 
     def contmix(self, x: torch.Tensor, x_f: torch.Tensor) -> torch.Tensor:
         """Dynamic-kernel aggregation of ``x`` (``[B, dim, H, W]``) steered by the normalised fused map ``x_f``."""
@@ -261,6 +262,8 @@ class DynamicConvBlock(nn.Module):
         attn_s, attn_k = logits.split([s * s, k * k], dim=-1)
         attn_s = (attn_s + na2d_rpb(self.rpb1, H, W, s)).softmax(dim=-1)
         attn_k = (attn_k + na2d_rpb(self.rpb2, H, W, k)).softmax(dim=-1)
+        if self.probs_quant is not None:
+            attn_s, attn_k = self.probs_quant(attn_s, attn_k)
         value = x.reshape(B, 2, G, dim // (2 * G), H, W).permute(1, 0, 2, 4, 5, 3)  # [2, B, G, H, W, c]
         out = torch.cat([na2d_av(attn_s, value[0], s), na2d_av(attn_k, value[1], k)], dim=1)  # [B, 2G, H, W, c]
         out = out.permute(0, 1, 4, 2, 3).reshape(B, dim, H, W)

@@ -71,7 +71,7 @@ def _rel_err(a, b):
     return f"{((a.float() - b.float()).norm() / b.float().norm()).item():.1e}"
 
 
-def bench_op(bw, compile_ok):
+def bench_op(bw, compile_ok, chunks=CHUNKS):
     rows, sweep = [], []
     for label, B, nh, dqk, dv, H, W, block, halo, stride in SHAPES:
         inputs = _inputs(B, nh, dqk, dv, H, W, block, halo, stride)
@@ -109,18 +109,20 @@ def bench_op(bw, compile_ok):
         rh, rw = inputs[2].detach()
         scale = dqk ** -0.5
         row = {"shape": label}
-        for c in CHUNKS:
+        for c in chunks:
             out, lse = _launch_fwd(q, k, v, rh, rw, block, halo, stride, scale, c)
             row[f"fwd q_chunk={c}"] = _us(time_ms(lambda: _launch_fwd(q, k, v, rh, rw, block, halo, stride, scale, c)))
             row[f"bwd q_chunk={c}"] = _us(time_ms(
                 lambda: _launch_bwd(g, q, k, v, rh, rw, out, lse, block, halo, stride, scale, c)))
-        sweep.append(row)
-        print(row, flush=True)
+        if chunks:
+            sweep.append(row)
+            print(row, flush=True)
         del inputs, g
         torch.cuda.empty_cache()
     print_table(rows, list(rows[0]), "halo attention, halo_h1 at 256, batch 64, bf16 (q, kv channels-last); GB/s: "
                                      "q, kv read once + output written once")
-    print_table(sweep, list(sweep[0]), "q_chunk sweep (kernels only, us)")
+    if sweep:
+        print_table(sweep, list(sweep[0]), "q_chunk sweep (kernels only, us)")
 
 
 def model_throughput(name, impl, batch=64, size=256):
@@ -151,6 +153,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--model", action="store_true", help="also time halo_h1 / timm halonet_h1 training steps")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the q_chunk sweep")
     args = ap.parse_args()
     bw = copy_bandwidth_gbs()
     print(f"device: {device_name()}; copy bandwidth (read+write): {bw:.0f} GB/s", flush=True)
@@ -160,7 +163,7 @@ def main():
         row = {"model": "halo_h1", "ref train img/s": ref, "triton train img/s": tri, "x ref": tri / ref,
                "timm halonet_h1 img/s": timm_ref, "x timm": tri / timm_ref}
         print_table([row], list(row), "training step, batch 64, 256, bf16 autocast, channels-last")
-    bench_op(bw, not args.skip_compile)
+    bench_op(bw, not args.skip_compile, () if args.no_sweep else CHUNKS)
 
 
 if __name__ == "__main__":

@@ -49,25 +49,39 @@ def throughput(name: str, batch: int, size: int, impl: str):
     return batch / t_inf * 1e3, batch / t_train * 1e3
 
 
+def _size(name: str, size: int) -> int:
+    """``size``, or the model's own pretrained input size where its layout needs a multiple it is not."""
+    own = timm.get_pretrained_cfg(name.removeprefix("timm:")).input_size[-1]
+    mult = 256 if "halo" in name else 1  # HaloNet: every halo-attention map a multiple of its block size
+    return size if size % mult == 0 else own
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="+")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--size", type=int, default=224, help="input size; models that cannot take it use their "
+                    "pretrained_cfg input size (e.g. HaloNet at 256)")
     args = ap.parse_args()
     print(f"device: {device_name()}; batch {args.batch}, {args.size}x{args.size}, bf16 autocast, channels-last")
     rows = []
     for name in args.models:
-        if name.startswith("timm:"):
-            inf, tr = throughput(name, args.batch, args.size, "reference")
-            rows.append({"model": name, "infer img/s": inf, "train img/s": tr})
-            continue
-        ref_inf, ref_tr = throughput(name, args.batch, args.size, "reference")
-        tri_inf, tri_tr = throughput(name, args.batch, args.size, "auto")
-        rows.append({"model": name, "ref infer img/s": ref_inf, "triton infer img/s": tri_inf,
-                     "x infer": tri_inf / ref_inf, "ref train img/s": ref_tr, "triton train img/s": tri_tr,
-                     "x train": tri_tr / ref_tr})
-    cols = ["model", "ref infer img/s", "triton infer img/s", "x infer", "ref train img/s", "triton train img/s",
+        size = _size(name, args.size)
+        try:
+            if name.startswith("timm:"):
+                inf, tr = throughput(name, args.batch, size, "reference")
+                row = {"model": name, "size": size, "infer img/s": inf, "train img/s": tr}
+            else:
+                ref_inf, ref_tr = throughput(name, args.batch, size, "reference")
+                tri_inf, tri_tr = throughput(name, args.batch, size, "auto")
+                row = {"model": name, "size": size, "ref infer img/s": ref_inf, "triton infer img/s": tri_inf,
+                       "x infer": tri_inf / ref_inf, "ref train img/s": ref_tr, "triton train img/s": tri_tr,
+                       "x train": tri_tr / ref_tr}
+        except Exception as e:  # one model failing must not lose the others' rows
+            row = {"model": f"{name} FAILED: {type(e).__name__}: {e}"[:120], "size": size}
+        print(row, flush=True)
+        rows.append(row)
+    cols = ["model", "size", "ref infer img/s", "triton infer img/s", "x infer", "ref train img/s", "triton train img/s",
             "x train", "infer img/s", "train img/s"]
     print_table(rows, [c for c in cols if any(c in r for r in rows)], "model throughput")
 

@@ -1,7 +1,8 @@
 """Choosing between an op's plain-PyTorch reference and its Triton kernels.
 
 Every op in ``ops/`` takes ``impl=None|'auto'|'reference'|'triton'``. ``None`` reads the environment variable
-``METAMIXER_OPS_IMPL`` (default ``auto``). ``auto`` takes Triton when the inputs are CUDA tensors, Triton is
+``METAMIXER_OPS_IMPL`` (default ``auto``; ``triton`` there takes the kernels wherever one exists for the arguments,
+while an explicit ``impl='triton'`` for arguments without a kernel is an error). ``auto`` takes Triton when the inputs are CUDA tensors, Triton is
 importable and the op has a kernel for the arguments; otherwise the reference. ``triton`` forces the kernels
 (also on CPU tensors under ``TRITON_INTERPRET=1``, which is how the test-suite runs them without a GPU).
 """
@@ -41,6 +42,8 @@ def resolve_impl(impl: Optional[str], x: torch.Tensor, supported: bool = True, p
         raise ValueError(f"impl must be one of {_CHOICES} (or set {ENV_VAR}), got {choice!r}")
     if choice == "reference":
         return "reference"
+    if impl is None and choice == "triton" and not supported:
+        return "reference"  # the environment switches a whole model: ops without a kernel for these arguments keep theirs
     kernel_ok = supported and triton_available() and (x.is_cuda or interpreting())
     if choice == "triton":
         if not supported:

@@ -213,7 +213,7 @@ if triton_available():
         part = torch.empty(runs, k * k, C, device=x.device, dtype=torch.float32)
         _dwconv_bwd_w_kernel[(runs, c_blocks)](x, grad, part, B, C, H, W, *x.stride(), *grad.stride(), per,
                                                K=k, KKP=kkp, DIL=dil, BLOCK_C=bc, UNROLL=4, num_warps=nw)
-        return part.sum(0).t().reshape(C, 1, k, k)
+        return part.sum(0).t().reshape(C, 1, k, k).contiguous()
 
     @torch.library.custom_op("metamixer::dwconv2d", mutates_args=())
     def _dwconv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int) -> torch.Tensor:
@@ -223,11 +223,16 @@ if triton_available():
     def _(x, weight, bias, dilation):
         return torch.empty_like(x)
 
+    def _like_x(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """grad in x's memory format (both backward kernels tile the two tensors alike)."""
+        if grad.stride() == x.stride():
+            return grad
+        return grad.contiguous(memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
+
     def _dwconv2d_bwd_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilation: int,
                            need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         k = weight.shape[-1]
-        if grad.stride() != x.stride():  # same memory format for both kernels' tiles
-            grad = grad.contiguous(memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
+        grad = _like_x(grad, x)
         gx = _launch_fwd(grad, weight.flip(-1, -2).contiguous(), None, dilation) if need_x else x.new_empty(0)
         gw = _launch_bwd_w(x, grad, k, dilation).to(weight.dtype) if need_w else weight.new_empty(0)
         return gx, gw
@@ -235,9 +240,9 @@ if triton_available():
     _dwconv2d_bwd_op = torch.library.custom_op("metamixer::dwconv2d_backward", _dwconv2d_bwd_impl, mutates_args=())
 
     @_dwconv2d_bwd_op.register_fake
-    def _(grad, x, weight, dilation, need_x, need_w):
-        return (torch.empty_like(x) if need_x else x.new_empty(0),
-                torch.empty_like(weight) if need_w else weight.new_empty(0))
+    def _(grad, x, weight, dilation, need_x, need_w):  # the real op's layouts: gx like grad in x's format
+        return (torch.empty_like(_like_x(grad, x)) if need_x else x.new_empty(0),
+                weight.new_empty(weight.shape) if need_w else weight.new_empty(0))
 
     def _setup_context(ctx, inputs, output):
         x, weight, bias, dilation = inputs

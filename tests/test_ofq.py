@@ -351,25 +351,119 @@ def _identity_quantizers(m):
                 setattr(mod, cname, nn.Identity())
 
 
+def _halo_kwargs():  # HaloNet-H1 shape, 4 tiny stages, strided queries (block 2 -> 1 query per block) in 2-4
+    from backbones.halonet import StageCfg
+    return dict(stages=tuple(StageCfg("h", c, s, 1.0) for c, s in ((16, 1), (24, 2), (32, 2), (48, 2))),
+                halo=dict(block_size=2, halo_size=1, num_heads=2), stem_type="7x7", stem_chs=16, stem_pool=True,
+                num_features=0, act_layer="relu", zero_init_last=False)  # zero-init last BN: no gradient to attention
+
+
+# tiny configurations of the attention families: (kwargs or a function returning them, input size)
+ATTN_FAMILIES = {
+    "davit_t": (dict(embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=3), 40),
+    "halo_h1": (_halo_kwargs, 64),
+    "transnext_micro": (dict(embed_dims=(8, 16, 24, 32), num_heads=(2, 2, 4, 4), depths=(1, 1, 1, 1), img_size=64), 64),
+    "overlock_xt": (dict(depth=(1, 1, 1, 1), sub_depth=(2, 2), embed_dim=(8, 8, 16, 16), kernel_size=(5, 5, 7, 5),
+                         sub_num_heads=(1, 2), sub_mlp_ratio=(3, 3), projection=16), 32),
+}
+QKR_FAMILIES = ("davit_t", "halo_h1")
+
+
+def _attn_model(name):
+    pytest.importorskip(f"backbones.{name.split('_')[0].replace('halo', 'halonet')}")
+    kw, size = ATTN_FAMILIES[name]
+    torch.manual_seed(0)
+    return timm.create_model(name, num_classes=5, **(kw() if callable(kw) else kw)), size
+
+
+def _loss(y):  # OverLoCK returns main + aux logits in training mode
+    return sum(v.sum() for v in y.values()) if isinstance(y, dict) else y.sum()
+
+
 @pytest.mark.parametrize("qkr", [False, True])
-def test_davit_window_attention_explicit_and_qkr_equal_fp_without_quantizers(qkr):
-    from backbones.quant.attention import QuantWindowAttention, attention_modules, quantize_attention
-    m = _davit_tiny().double().eval()
-    names = attention_modules(m)
-    assert names and all(".0.attn" in n for n in names)  # spatial blocks only (channel attention: linears only)
-    if qkr:  # QKR drops the q and k biases (official); compare with a model that has none
+@pytest.mark.parametrize("name", list(ATTN_FAMILIES))
+def test_attention_explicit_and_qkr_equal_fp_without_quantizers(name, qkr):
+    """The explicit attention (probabilities as a tensor; QKR's W_q^T W_k logits) equals the family's fused op."""
+    from backbones.quant import attention as qa
+    m, size = _attn_model(name)
+    m = m.double().eval()
+    with torch.no_grad():  # zero-initialised tables (relative positions, biases) must not hide a mistake
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    names = qa.attention_modules(m, attn_probs=True, qkr=qkr)
+    kinds = {type(m.get_submodule(n)).__name__ for n in names}
+    expected = {"davit_t": {"WindowAttention", "ChannelAttention"}, "halo_h1": {"HaloAttention"},
+                "transnext_micro": {"Attention", "AggregatedAttention"}, "overlock_xt": {"DynamicConvBlock"}}[name]
+    assert kinds == expected
+    if qkr and name == "davit_t":  # QKR drops the q and k biases (official); compare with a model that has none
         with torch.no_grad():
             for n in names:
-                C = m.get_submodule(n).qkv.out_features // 3
-                m.get_submodule(n).qkv.bias[:2 * C] = 0
-    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)  # 10x10 -> padded to the 3x3 windows
+                if type(m.get_submodule(n)).__name__ == "WindowAttention":
+                    m.get_submodule(n).qkv.bias[:2 * m.get_submodule(n).qkv.in_features] = 0
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)  # DaViT: 10x10 maps padded to the 3x3 windows
+    keys = set(m.state_dict())
     with torch.no_grad():
         ref = m(x)
-    quantize_attention(m, names, 4, 4, qkr)
+    roles = qa.quantize_attention(m, names, 4, 4, qkr)
+    assert set(roles.values()) == ({"attention", "attention_qkr"} if qkr and name == "davit_t" else
+                                   {"attention_qkr"} if qkr and name in QKR_FAMILIES else {"attention"})
+    assert keys <= set(m.state_dict())  # same keys (pretrained weights load as before)
+    assert qa.attention_modules(m) == []  # idempotent: nothing left to swap
     _identity_quantizers(m)
-    assert all(isinstance(m.get_submodule(n), QuantWindowAttention) for n in names)
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref, rtol=1e-10, atol=1e-12)
+
+
+def _probs_quantizers(m):
+    return [(n, q) for n, q in m.named_modules() if isinstance(q, LSQQuantizer)
+            and (n.endswith("probs_q") or ".probs_quant." in n)]
+
+
+@pytest.mark.parametrize("name", ["halo_h1", "transnext_micro", "overlock_xt"])
+def test_policy_quantizes_probs_and_qkr_trains(name):
+    m, size = _attn_model(name)
+    with torch.no_grad():  # OverLoCK's kernels start near uniform (rpb = 0): 2-bit LSQ would round all to 0
+        for n, p in m.named_parameters():
+            if "rpb" in n:
+                p.normal_()
+    qkr = name in QKR_FAMILIES
+    roles = quantize_model(m, dict(wbits=2, abits=2, qkr=True))
+    attn = [n for n, r in roles.items() if r.startswith("attention")]
+    assert len(attn) == 4 and all(roles[n] == ("attention_qkr" if qkr else "attention") for n in attn)
+    if qkr:  # QKR owns the q and kv projections; without it they are QuantConv2d with quantized outputs
+        assert not any(f"{n}.q" in roles or f"{n}.kv" in roles for n in attn)
+        m2, _ = _attn_model(name)
+        quantize_model(m2, dict(wbits=2, abits=2))
+        assert all(m2.get_submodule(f"{n}.{c}").oq is not None for n in attn for c in ("q", "kv"))
+    pq = _probs_quantizers(m)
+    assert len(pq) == (8 if name == "overlock_xt" else 4)
+    for n, q in pq:  # one step per query position of a halo block, else per head (token count = resolution)
+        a = m.get_submodule(n.rsplit(".", 2 if name == "overlock_xt" else 1)[0])
+        assert q.step.numel() == ((a.block_size // a.q_stride) ** 2 if name == "halo_h1" else a.num_heads), n
+    if name == "halo_h1":
+        assert sorted(q.step.numel() for _, q in pq) == [1, 1, 1, 4]  # strided queries: 1 per block of 2x2 keys
+    seen = {}
+    for n, q in pq:
+        q.register_forward_hook(lambda mod, i, o, n=n: seen.update({n: (i[0].detach(), o.detach())}))
+    _loss(m(torch.randn(2, 3, size, size))).backward()
+    assert set(seen) == {n for n, _ in pq}
+    for n, q in pq:
+        p, o = seen[n]
+        assert torch.allclose(p.sum(-1), torch.ones(()).double().to(p.dtype), atol=1e-5)  # softmax probabilities
+        shape = [1] * o.ndim
+        shape[q.dim] = -1
+        lv = torch.round(o / q.step.detach().view(shape))
+        assert set(lv.unique().tolist()) <= {0.0, 1.0, 2.0, 3.0} and len(lv.unique()) > 1, n  # unsigned 2-bit
+        assert q.step.grad is not None and q.step.grad.abs().sum() > 0, n
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)  # nothing unused (DDP)
+    if qkr:
+        a = m.get_submodule(attn[0])
+        assert a.qkx_q.step.grad is not None and a.q.weight.grad is not None and a.kv.weight.grad is not None
+        assert not a.x_q.signed and a.qkx_q.signed  # block input after ReLU: unsigned, detected on the first batch
+        a.cga_active, a.boundary_range = True, 0.05  # CGA inside the W_qk quantizer
+        m.zero_grad()
+        _loss(m(torch.randn(2, 3, size, size))).backward()
+        assert a.kv.weight.grad is not None
 
 
 def test_davit_policy_quantizes_probs_and_qkr_trains():
@@ -395,29 +489,72 @@ def test_davit_policy_quantizes_probs_and_qkr_trains():
     assert m2.get_submodule(attn[0]).qkv.oq is not None
 
 
-def test_bf16_autocast_forward_backward():
-    m = _ffnet()
-    quantize_model(m, dict(wbits=2, abits=2))
+@pytest.mark.parametrize("name", ["ffnet_t", *ATTN_FAMILIES])
+def test_bf16_autocast_forward_backward(name):
+    m, size = (_ffnet(), 32) if name == "ffnet_t" else _attn_model(name)
+    quantize_model(m, dict(wbits=2, abits=2, qkr=True))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = m(torch.randn(2, 3, 32, 32))
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
+        y = m(torch.randn(2, 3, size, size))
+    assert (y["main"] if isinstance(y, dict) else y).dtype == torch.bfloat16
+    _loss(y).float().backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
 
 
-def test_davit_qkr_export_reproduces_logits(tmp_path):
-    m = _davit_tiny()
+def test_attn_probs_and_qkr_switches():
+    from backbones.quant.attention import QuantHaloAttention
+    m, _ = _attn_model("halo_h1")
+    roles = quantize_model(m, dict(attn_probs=False))  # the fused op stays; q / kv outputs still quantized
+    assert "attention" not in roles.values() and type(m.stages[1][0].self_attn).__name__ == "HaloAttention"
+    m, _ = _attn_model("halo_h1")
+    roles = quantize_model(m, dict(attn_probs=False, qkr=True))  # QKR without probability quantizers
+    a = m.stages[1][0].self_attn
+    assert isinstance(a, QuantHaloAttention) and a.qkr and a.probs_q is None
+    assert roles["stages.1.0.self_attn"] == "attention_qkr"
+    m, _ = _attn_model("transnext_micro")
+    roles = quantize_model(m, dict(attn_probs=False, qkr=True))  # no QKR for cosine attention: nothing swapped
+    assert not any(r.startswith("attention") for r in roles.values())
+
+
+@pytest.mark.parametrize("name", QKR_FAMILIES)
+def test_qkr_export_reproduces_logits(tmp_path, name):
+    m, size = _attn_model(name)
     cfg = dict(wbits=3, abits=4, qkr=True)
     quantize_model(m, cfg)
-    m(torch.randn(4, 3, 32, 32))  # initialise the LSQ steps
+    m(torch.randn(4, 3, size, size))  # initialise the LSQ steps
     m.eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         ref = m(x)
-    kw = dict(num_classes=5, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=3)
-    export_quantized(m, tmp_path / "qkr.safetensors", cfg, "davit_t", kw)
+    kw = ATTN_FAMILIES[name][0]
+    kw = dict(num_classes=5, **kw) if name == "davit_t" else {}  # HaloNet StageCfgs are not JSON: pass the model
+    export_quantized(m, tmp_path / "qkr.safetensors", cfg, name, kw)
     from safetensors.torch import load_file
     sd = load_file(str(tmp_path / "qkr.safetensors"))
-    assert "stages.0.blocks.0.0.attn.wqk.codes" in sd and "stages.0.blocks.0.0.attn.qkv.weight" not in sd
+    attn = "stages.0.blocks.0.0.attn" if name == "davit_t" else "stages.1.0.self_attn"
+    assert f"{attn}.wqk.codes" in sd and f"{attn}.wv.codes" in sd
+    replaced = ["qkv.weight"] if name == "davit_t" else ["q.weight", "kv.weight"]
+    assert not any(f"{attn}.{k}" in sd for k in replaced)
+    if name == "halo_h1":
+        assert f"{attn}.wq.codes" in sd  # the relative-position logits need the (quantized) query weight
     with torch.no_grad():
-        torch.testing.assert_close(load_quantized(tmp_path / "qkr.safetensors")(x), ref, rtol=1e-5, atol=1e-5)
+        deployed = load_quantized(tmp_path / "qkr.safetensors", None if kw else _attn_model(name)[0])(x)
+    torch.testing.assert_close(deployed, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_quantized_model_equals_eager():
+    """torch.compile (aot_eager, fullgraph: no graph break) of a quantized model, LSQ steps initialised eagerly by
+    the first batch: forward and backward equal eager. HaloNet with QKR covers StatsQ, LSQ (per channel, per head,
+    unsigned probabilities), the shifts and the explicit attention."""
+    m, size = _attn_model("halo_h1")
+    quantize_model(m, dict(wbits=2, abits=2, qkr=True))
+    x = torch.randn(2, 3, size, size)
+    m(x)  # eager first batch (the callback's calibration): the initialisation is eager-only
+    y = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    y.sum().backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    ref = m(x)
+    ref.sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    for g, p in zip(grads, m.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)

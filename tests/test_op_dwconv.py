@@ -88,3 +88,17 @@ def test_torch_compile():
     rx, rw = torch.autograd.grad(ref, (x, w))
     torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_custom_ops_fake_kernels_match(channels_last):
+    # torch.compile trusts the fake kernels' shapes and strides (a wrong weight-grad stride failed on the GPU)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 16, 9, 7, device=dev).to(memory_format=fmt).requires_grad_()
+    w = torch.randn(16, 1, 7, 7, device=dev, requires_grad=True)
+    g = torch.randn(2, 16, 9, 7, device=dev)  # NCHW grad for a channels-last x: the layout conversion path
+    torch.library.opcheck(torch.ops.metamixer.dwconv2d, (x, w, None, 2))
+    torch.library.opcheck(torch.ops.metamixer.dwconv2d_backward, (g, x.detach(), w.detach(), 2, True, True),
+                          test_utils=("test_schema", "test_faketensor"))

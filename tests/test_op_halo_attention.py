@@ -24,6 +24,7 @@ CASES = [  # B, heads, dqk, dv, nbh, nbw (blocks per side), block, halo, stride
     (1, 3, 4, 2, 3, 1, 2, 1, 2),   # strided queries, one query per block
     (1, 1, 2, 3, 2, 2, 3, 0, 1),   # no halo
     (1, 1, 3, 70, 1, 2, 2, 1, 1),  # value head > 64: two value-channel chunks, the second partial
+    (1, 1, 3, 70, 1, 2, 10, 1, 1),  # block 10 (128 keys): the key-stationary backward splits dv in 2 programs
 ]
 
 

@@ -36,3 +36,8 @@ def test_impl_choice(monkeypatch):
     assert resolve_impl(None, x, supported=True) == "reference"
     with pytest.raises(ValueError, match="does not support"):
         resolve_impl("triton", x, supported=False)
+    # the environment switches whole models: an op without a kernel for its arguments keeps the reference
+    monkeypatch.setenv("METAMIXER_OPS_IMPL", "triton")
+    assert resolve_impl(None, x, supported=False) == "reference"
+    with pytest.raises(ValueError, match="does not support"):
+        resolve_impl("triton", x, supported=False)

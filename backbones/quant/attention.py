@@ -1,20 +1,47 @@
-"""Quantized attention for families whose attention weights are computed inside a fused op: attention
-probabilities quantized (official: unsigned LSQ, one step per query token) and, optionally, OFQ's query-key
-reparameterisation (QKR).
+"""Quantized attention: attention probabilities quantized (unsigned LSQ between the softmax and the weighted sum)
+and, where the attention has explicit q and k projections, OFQ's query-key reparameterisation (QKR).
 
-Handled now: DaViT's spatial window attention (``backbones.davit.WindowAttention``: pad to the window, ``qkv``
-Linear, window attention, crop, ``proj``). Its windows have a fixed token count ``N = window**2``, so the
-official per-token step sizes are resolution independent and are used as in the official ``QAttention``.
+Every family's attention runs its softmax inside a fused op (``ops.window_attention`` / ``channel_attention`` /
+``halo_attention`` / ``aggregated_attention``, SDPA) or hands the probabilities to one (OverLoCK's ``na2d_av``).
+The quantized modules below compute the attention explicitly, with the op's reference math, so that the
+probabilities exist as a tensor; with every quantizer switched off each equals the family's module (tested).
+They adopt the original module's parameters and submodules, so state-dict keys are unchanged.
 
-QKR (official ``QAttention_qkreparam``): per head ``W_qk = W_q^T W_k`` (``C x C``), StatsQ-quantized row-wise as a
-``(heads * C, C)`` matrix; the block input is LSQ-quantized once (``quant_x``, between shifts, one step per
-token); ``W_qk x`` is LSQ-quantized (one step per (token, head), between shifts over ``heads * C`` channels);
-logits ``x_n . (W_qk x_m) * d**-0.5``; ``v = x W_v^T + b_v`` with StatsQ ``W_v``, LSQ per channel between shifts.
-As in the official code the q and k biases are dropped (``q.k`` no longer has a bias term). Under CGA
-(``cga_active``, set by the callback) the entries of ``W_qk`` outside the rounding boundaries get no gradient
-(official ``StatsQuantizer_specific_4_qkreparam_cga``). State-dict keys of ``qkv`` / ``proj`` are unchanged.
+Probability quantizer (official ``QAttention``: unsigned LSQ, one step per query token). Granularity per family:
+  * DaViT spatial window attention (``QuantWindowAttention``): windows of fixed ``N = window**2`` tokens: one step
+    per query token of the window (official);
+  * HaloNet (``QuantHaloAttention``): every query block has the same ``(block/stride)**2`` queries attending their
+    haloed window: one step per query position inside the block (the official rule, resolution independent);
+  * DaViT channel attention (``QuantChannelAttention``): the map is ``head_dim x head_dim`` (channels attend to
+    channels): one step per query channel (fixed count);
+  * TransNeXt full and aggregated attention (``QuantTransNeXtAttention``, ``QuantAggregatedAttention``): the number
+    of query tokens ``H*W`` depends on the resolution: ONE STEP PER HEAD. Aggregated attention quantizes the
+    softmax weights (local window and pooled tokens, one softmax); the learnable-token term added to the local
+    weights after the softmax (a signed, query-dependent bias, not a probability) stays full precision;
+  * OverLoCK ContMix (``ContMixProbs``, set as ``DynamicConvBlock.probs_quant``): its two softmax-normalised
+    dynamic kernels (``5x5`` and ``kxk``, one per pixel) go to ``na2d_av``; the pixel count depends on the
+    resolution: ONE STEP PER HEAD, a quantizer per kernel.
+The probabilities are quantized before attention dropout.
+
+QKR (official ``QAttention_qkreparam``; DaViT spatial attention and HaloNet, the families with plain ``q.k``
+logits: TransNeXt normalises q and k (cosine attention) and OverLoCK has no q.k product, so they have none): per
+head ``W_qk = W_q^T W_k`` (``C x C``), StatsQ-quantized row-wise as a ``(heads * C, C)`` matrix; the block input is
+LSQ-quantized once (``x_q``, between shifts); ``W_qk x`` is LSQ-quantized between shifts over ``heads * C``
+channels; logits ``x_n . (W_qk x_m) * d**-0.5``; ``v = x W_v^T + b_v`` with StatsQ ``W_v``, LSQ per channel
+between shifts. As in the official code the q and k biases are dropped (``q.k`` no longer has a bias term; HaloNet
+has none). Under CGA (``cga_active``, set by the callback) the entries of ``W_qk`` outside the rounding boundaries
+get no gradient (official ``StatsQuantizer_specific_4_qkreparam_cga``).
+  * DaViT (fixed ``N`` tokens per window): ``x_q`` one step per token, ``W_qk x`` one step per (token, head)
+    (official);
+  * HaloNet (token count depends on the resolution): ``x_q`` one step per input channel (its sign detected on the
+    first batch, as the layer policy's inputs: HaloNet's attention input follows BN + ReLU), ``W_qk x`` one step per
+    head. HaloNet's relative-position logits ``q . rel_pos`` need the query itself: ``q_rel = StatsQ(W_q) x_q``
+    (LSQ per channel between shifts) computes them; ``W_q`` thus also stays a (quantized) weight.
 """
 from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,7 +50,9 @@ import torch.nn.functional as F
 from .oscillation import cga_free_mask
 from .quantizers import LSQQuantizer, LearnableShift, StatsQ
 
-__all__ = ["QuantWindowAttention", "attention_modules", "quantize_attention"]
+__all__ = ["ContMixProbs", "QKRAttention", "QuantAggregatedAttention", "QuantChannelAttention",
+           "QuantHaloAttention", "QuantTransNeXtAttention", "QuantWindowAttention", "attention_modules",
+           "quantize_attention"]
 
 
 def _to_windows(x: torch.Tensor, ws: int) -> torch.Tensor:  # (B, H, W, C) -> (B * nW, ws * ws, C)
@@ -44,20 +73,76 @@ def _statsq_cga(w: torch.Tensor, bits: int, boundary_range: float) -> torch.Tens
     return torch.where(free, StatsQ(bits)(w), StatsQ(bits)(w.detach()))
 
 
-class QuantWindowAttention(nn.Module):
-    def __init__(self, m: nn.Module, abits: int, wbits: int, qkr: bool = False):
-        super().__init__()
-        self.num_heads, self.window_size, self.qkr = m.num_heads, m.window_size, qkr
-        self.qkv, self.proj = m.qkv, m.proj
-        C = self.proj.in_features if hasattr(self.proj, "in_features") else m.qkv.out_features // 3
-        N = self.window_size ** 2
+def _adopt(dst: nn.Module, m: nn.Module, attrs: Tuple[str, ...]) -> None:
+    """Give ``dst`` the parameters, buffers and submodules of ``m`` under the same names (same state-dict keys)
+    and copy the plain attributes ``attrs``."""
+    for k, p in m._parameters.items():
+        dst.register_parameter(k, p)
+    for k, b in m._buffers.items():
+        dst.register_buffer(k, b, persistent=k not in m._non_persistent_buffers_set)
+    for k, c in m._modules.items():
+        dst.add_module(k, c)
+    for k in attrs:
+        setattr(dst, k, getattr(m, k))
+    dst.train(m.training)
+
+
+def _probs_quantizer(probs: bool, abits: int, channels: int, dim: int) -> Optional[LSQQuantizer]:
+    return LSQQuantizer(abits, channels, dim=dim, signed=False) if probs else None
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    return F.dropout(x, p) if training and p > 0 else x
+
+
+def _q(quantizer: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    return x if quantizer is None else quantizer(x)
+
+
+class QKRAttention(nn.Module):
+    """What the QKR modules share: the quantized ``W_v`` / ``W_qk`` (/ ``W_q``), CGA inside the ``W_qk`` quantizer
+    and the export interface (``qkr_weights``, ``qkr_keys``, ``deployed``)."""
+    qkr_keys: Tuple[str, ...] = ()  # state-dict keys (relative to the module) QKR replaces in an export
+
+    def _init_qkr(self, wbits: int) -> None:
         self.wbits, self.cga_active, self.boundary_range = wbits, False, 0.005
-        self.deployed = None  # QKR: (W_v, W_qk) de-quantized from an export (``load_quantized``)
-        self.probs_q = LSQQuantizer(abits, N, dim=-2, signed=False)
+        self.deployed: Optional[Dict[str, torch.Tensor]] = None  # de-quantized exported weights (load_quantized)
+        self.qk_quant, self.v_quant = StatsQ(wbits), StatsQ(wbits)
+
+    def qkr_weights(self) -> Dict[str, torch.Tensor]:  # full-precision 2-D weights: {'wv', 'wqk'[, 'wq']}
+        raise NotImplementedError
+
+    def quant_weights(self) -> Dict[str, torch.Tensor]:
+        """StatsQ of every ``qkr_weights`` entry (CGA on ``wqk`` when active), or the exported weights once
+        ``deployed``."""
+        if self.deployed is not None:
+            return self.deployed
+        out = {}
+        for k, w in self.qkr_weights().items():
+            if k == "wqk" and self.cga_active and self.training:
+                out[k] = _statsq_cga(w, self.wbits, self.boundary_range)
+            else:
+                out[k] = (self.qk_quant if k == "wqk" else self.v_quant)(w)
+        return out
+
+
+# ---- DaViT -------------------------------------------------------------------------------------------------------
+class QuantWindowAttention(QKRAttention):
+    """DaViT's spatial window attention (``backbones.davit.WindowAttention``: pad to the window, ``qkv``, window
+    attention, crop, ``proj``), explicit; probabilities one step per query token of the window."""
+    qkr_keys = ("qkv.weight",)
+
+    def __init__(self, m: nn.Module, abits: int, wbits: int, qkr: bool = False, probs: bool = True):
+        super().__init__()
+        _adopt(self, m, ("num_heads", "window_size"))
+        self.qkr = qkr
+        C = m.qkv.in_features
+        N = self.window_size ** 2
+        self.probs_q = _probs_quantizer(probs, abits, N, -2)
+        self._init_qkr(wbits)
         if qkr:
-            self.x_move_b4, self.x_q, self.x_move_aft = LearnableShift(C), LSQQuantizer(abits, N, 1), LearnableShift(C)
-            self.qk_quant, self.v_quant = StatsQ(wbits), StatsQ(wbits)
             H = self.num_heads
+            self.x_move_b4, self.x_q, self.x_move_aft = LearnableShift(C), LSQQuantizer(abits, N, 1), LearnableShift(C)
             self.qkx_move_b4, self.qkx_move_aft = LearnableShift(H * C), LearnableShift(H * C)
             self.qkx_q = LSQQuantizer(abits, N * H, 1)
             self.v_move_b4, self.v_q, self.v_move_aft = LearnableShift(C), LSQQuantizer(abits, C, -1), LearnableShift(C)
@@ -69,15 +154,9 @@ class QuantWindowAttention(nn.Module):
         wq, wk = w[:C].reshape(h, -1, C), w[C:2 * C].reshape(h, -1, C)
         return (wq.transpose(-2, -1) @ wk).reshape(h * C, C)
 
-    def quant_weights(self):
-        """QKR: ``(StatsQ(W_v), StatsQ(W_qk))``, or the exported integer weights once ``deployed``."""
-        if self.deployed is not None:
-            return self.deployed
+    def qkr_weights(self) -> Dict[str, torch.Tensor]:
         C = self.qkv.weight.shape[1]
-        wqk = self.qk_product()
-        wqk = _statsq_cga(wqk, self.wbits, self.boundary_range) if (self.cga_active and self.training) \
-            else self.qk_quant(wqk)
-        return self.v_quant(self.qkv.weight[2 * C:]), wqk
+        return {"wv": self.qkv.weight[2 * C:], "wqk": self.qk_product()}
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: windows ``(b, N, C)`` of block input -> attention output ``(b, N, C)`` (before ``proj``)."""
@@ -90,14 +169,14 @@ class QuantWindowAttention(nn.Module):
         else:
             x = self.x_move_aft(self.x_q(self.x_move_b4(x)))
             bias_v = self.qkv.bias[2 * C:] if self.qkv.bias is not None else None
-            wv, wqk = self.quant_weights()
-            v = self.v_move_aft(self.v_q(self.v_move_b4(F.linear(x, wv, bias_v))))
+            w = self.quant_weights()
+            v = self.v_move_aft(self.v_q(self.v_move_b4(F.linear(x, w["wv"], bias_v))))
             v = v.reshape(b, N, h, d).transpose(1, 2)
-            qkx = torch.einsum("hdc,bnc->bnhd", wqk.reshape(h, C, C), x).reshape(b, N, h * C)
+            qkx = torch.einsum("hdc,bnc->bnhd", w["wqk"].reshape(h, C, C), x).reshape(b, N, h * C)
             qkx = self.qkx_move_b4(qkx).reshape(b, N * h, C)
             qkx = self.qkx_move_aft(self.qkx_q(qkx).reshape(b, N, h * C)).reshape(b, N, h, C)
             probs = (torch.einsum("bnc,bmhc->bhnm", x, qkx) * d ** -0.5).softmax(-1)
-        probs = self.probs_q(probs)
+        probs = _q(self.probs_q, probs)
         return (probs @ v).transpose(1, 2).reshape(b, N, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,20 +188,269 @@ class QuantWindowAttention(nn.Module):
         return self.proj(out[:, :H, :W])
 
 
-def _davit_window_attention(m: nn.Module) -> bool:
-    return type(m).__name__ == "WindowAttention" and type(m).__module__ == "backbones.davit"
+class QuantChannelAttention(nn.Module):
+    """DaViT's channel attention (``backbones.davit.ChannelAttention``, ``ops.channel_attention_reference``
+    math), explicit; the ``d x d`` probabilities one step per query channel."""
+
+    def __init__(self, m: nn.Module, abits: int, wbits: int, qkr: bool = False, probs: bool = True):
+        super().__init__()
+        _adopt(self, m, ("num_heads", "version"))
+        self.probs_q = _probs_quantizer(probs, abits, m.qkv.in_features // self.num_heads, -2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        N, h = H * W, self.num_heads
+        d = C // h
+        q, k, v = self.qkv(x.reshape(B, N, C)).reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        a, b, c, scale = (k, v, q, d ** -0.5) if self.version == 1 else (q, k, v, N ** -0.5)
+        probs = _q(self.probs_q, ((a * scale).transpose(-2, -1) @ b).softmax(dim=-1))  # (B, h, d, d)
+        out = (c @ probs.transpose(-2, -1)).transpose(1, 2).reshape(B, N, C)
+        return self.proj(out).reshape(B, H, W, C)
 
 
-def attention_modules(model: nn.Module) -> list:
-    """Names of the supported attention modules of ``model``."""
-    return [n for n, m in model.named_modules() if _davit_window_attention(m)]
+# ---- HaloNet -----------------------------------------------------------------------------------------------------
+def _halo_attention_explicit(qc: torch.Tensor, kc: torch.Tensor, v: torch.Tensor, qr: torch.Tensor,
+                             rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, block_size: int, halo_size: int,
+                             stride: int, scale: float, probs_fn: Callable) -> torch.Tensor:
+    """``ops.halo_attention_reference`` with a hook on the probabilities and the content and relative queries
+    separated: content logits ``scale * <qc, kc>`` (``qc`` ``(B, h or 1, dc, H/s, W/s)``, ``kc`` ``(B, h, dc, H, W)``),
+    relative logits from ``qr`` ``(B, h, dqk, H/s, W/s)``; plain attention: ``qc = qr = q``, ``kc = k``."""
+    B, nh, dv, H, W = v.shape
+    if H % block_size or W % block_size:
+        raise ValueError(f"halo attention needs the feature map ({H}x{W}) divisible by block_size={block_size}")
+    bq, win = block_size // stride, block_size + 2 * halo_size
+    nbh, nbw = H // block_size, W // block_size
+
+    def blocks(t):  # (B, h, d, H/s, W/s) -> (B, h, nbh, nbw, bq, bq, d)
+        return t.unflatten(3, (nbh, bq)).unflatten(5, (nbw, bq)).permute(0, 1, 3, 5, 4, 6, 2)
+
+    def windows(t):  # (B, h, d, H, W) -> zero halo -> (B, h, nbh, nbw, win*win, d)
+        t = F.pad(t, [halo_size] * 4).unfold(3, win, block_size).unfold(4, win, block_size)
+        return t.permute(0, 1, 3, 4, 5, 6, 2).flatten(4, 5)
+
+    attn = (blocks(qc).flatten(4, 5) @ windows(kc).transpose(-1, -2)) * scale  # (B, h, nbh, nbw, bq*bq, win*win)
+    qb = blocks(qr)
+    rel = torch.arange(win, device=qr.device)[None, :] - torch.arange(bq, device=qr.device)[:, None] + win - 1
+    lh = qb @ rel_pos_h.t()
+    lh = lh.gather(-1, rel[:, None, :].expand(*lh.shape[:-1], win))  # (..., qy, qx, ky)
+    lw = qb @ rel_pos_w.t()
+    lw = lw.gather(-1, rel[None, :, :].expand(*lw.shape[:-1], win))  # (..., qy, qx, kx)
+    attn = attn.view(*attn.shape[:4], bq, bq, win, win) + lh.unsqueeze(-1) + lw.unsqueeze(-2)
+    probs = probs_fn(attn.flatten(-2).flatten(4, 5).softmax(dim=-1))
+    out = (probs @ windows(v)).view(B, nh, nbh, nbw, bq, bq, dv).permute(0, 1, 6, 2, 4, 3, 5)
+    return out.reshape(B, nh * dv, nbh * bq, nbw * bq)
 
 
-def quantize_attention(model: nn.Module, names: list, abits: int, wbits: int, qkr: bool = False) -> list:
-    """Swap the attention modules ``names`` (from ``attention_modules``) for their quantized version (after the
-    linears were swapped). Returns ``names``."""
+def _shifted(abits: int, channels: int, steps: int, signed: Optional[bool] = True):
+    """``(shift before, LSQ with ``steps`` steps along dim 1, shift after)`` over ``channels`` channels (dim 1)."""
+    return LearnableShift(channels, 1), LSQQuantizer(abits, steps, 1, signed), LearnableShift(channels, 1)
+
+
+class QuantHaloAttention(QKRAttention):
+    """HaloNet's halo attention (``backbones.halonet.HaloAttention``: ``q`` 1x1 conv with the query stride, ``kv``
+    1x1 conv with per-head ``[k, v]`` channels, ``ops.halo_attention``), explicit; probabilities one step per query
+    position of the block; optional QKR (see the module doc)."""
+    qkr_keys = ("q.weight", "kv.weight")
+
+    def __init__(self, m: nn.Module, abits: int, wbits: int, qkr: bool = False, probs: bool = True):
+        super().__init__()
+        _adopt(self, m, ("num_heads", "dim_head_qk", "dim_head_v", "block_size", "halo_size", "q_stride"))
+        self.qkr = qkr
+        self.probs_q = _probs_quantizer(probs, abits, (self.block_size // self.q_stride) ** 2, -2)
+        self._init_qkr(wbits)
+        if qkr:
+            C, h = self.kv.in_channels, self.num_heads
+            dv, dq = h * self.dim_head_v, h * self.dim_head_qk
+            # NCHW tensors: shifts and steps along dim 1; signed LSQ as the official QKR quantizers, except the
+            # block input (after BN + ReLU here, after LayerNorm in the official ViTs): its sign from the first batch
+            self.x_move_b4, self.x_q, self.x_move_aft = _shifted(abits, C, C, signed=None)
+            self.qkx_move_b4, self.qkx_q, self.qkx_move_aft = _shifted(abits, h * C, h)  # on (B, h, C, H, W)
+            self.v_move_b4, self.v_q, self.v_move_aft = _shifted(abits, dv, dv)
+            self.qr_move_b4, self.qr_q, self.qr_move_aft = _shifted(abits, dq, dq)
+
+    def _split_kv(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(W_k, W_v)`` per head: ``(h, dqk, C)``, ``(h, dv, C)`` from ``kv.weight`` (heads-major ``[k, v]``)."""
+        w = self.kv.weight.flatten(1).view(self.num_heads, self.dim_head_qk + self.dim_head_v, -1)
+        return w[:, :self.dim_head_qk], w[:, self.dim_head_qk:]
+
+    def qk_product(self) -> torch.Tensor:
+        """``W_qk = W_q^T W_k`` of every head stacked as ``(heads * C, C)`` (full precision)."""
+        wk, _ = self._split_kv()
+        wq = self.q.weight.flatten(1).view(self.num_heads, self.dim_head_qk, -1)
+        C = wq.shape[-1]
+        return (wq.transpose(-2, -1) @ wk).reshape(-1, C)
+
+    def qkr_weights(self) -> Dict[str, torch.Tensor]:
+        _, wv = self._split_kv()
+        return {"wv": wv.reshape(-1, wv.shape[-1]), "wqk": self.qk_product(), "wq": self.q.weight.flatten(1)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, dqk, s = self.num_heads, self.dim_head_qk, self.q_stride
+        scale = dqk ** -0.5
+        if not self.qkr:
+            q = self.q(x).unflatten(1, (h, dqk))
+            k, v = self.kv(x).unflatten(1, (h, -1)).split([dqk, self.dim_head_v], dim=2)
+            qc, kc, qr = q, k, q
+        else:
+            B, C, H, W = x.shape
+            x = self.x_move_aft(self.x_q(self.x_move_b4(x)))
+            w = self.quant_weights()
+            v = self.v_move_aft(self.v_q(self.v_move_b4(F.conv2d(x, w["wv"][:, :, None, None]))))
+            v = v.unflatten(1, (h, -1))
+            qkx = self.qkx_move_b4(F.conv2d(x, w["wqk"][:, :, None, None]))
+            kc = self.qkx_move_aft(self.qkx_q(qkx.unflatten(1, (h, C))).flatten(1, 2)).unflatten(1, (h, C))
+            xq = x[:, :, ::s, ::s]  # the positions a 1x1 conv with stride s reads
+            qc = xq.unsqueeze(1)
+            qr = self.qr_move_aft(self.qr_q(self.qr_move_b4(F.conv2d(xq, w["wq"][:, :, None, None]))))
+            qr = qr.unflatten(1, (h, dqk))
+        out = _halo_attention_explicit(qc, kc, v, qr, self.rel_pos_h, self.rel_pos_w, self.block_size,
+                                       self.halo_size, s, scale, lambda p: _q(self.probs_q, p))
+        return self.pool(out)
+
+
+# ---- TransNeXt ---------------------------------------------------------------------------------------------------
+class QuantTransNeXtAttention(nn.Module):
+    """TransNeXt's full attention (``backbones.transnext.Attention``: scaled cosine attention + cpb bias, SDPA),
+    explicit; probabilities one step per head (the token count depends on the resolution)."""
+
+    def __init__(self, m: nn.Module, abits: int, wbits: int, qkr: bool = False, probs: bool = True):
+        super().__init__()
+        _adopt(self, m, ("num_heads", "head_dim", "attn_drop"))
+        self.probs_q = _probs_quantizer(probs, abits, self.num_heads, 1)
+
+    def forward(self, x: torch.Tensor, size, pool_size, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        from backbones.transnext import cpb_bias
+
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
+        bias = cpb_bias(self.cpb_fc1, self.cpb_fc2, index, table, N, N)
+        q = (F.normalize(q, dim=-1) + self.query_embedding) * F.softplus(self.temperature) * math.log(N)
+        probs = (q @ F.normalize(k, dim=-1).transpose(-2, -1) + bias.to(q.dtype)).softmax(dim=-1)
+        probs = _dropout(_q(self.probs_q, probs), self.attn_drop, self.training)
+        return self.proj_drop(self.proj((probs @ v).transpose(1, 2).reshape(B, N, C)))
+
+
+def _neighbours(x: torch.Tensor, size, window_size: int) -> torch.Tensor:
+    """``(B, h, N, d)`` tokens on an ``H x W`` grid -> ``(B, h, N, K*K, d)`` zero-padded window neighbours."""
+    B, nh, N, d = x.shape
+    x = F.unfold(x.transpose(-1, -2).reshape(B, nh * d, *size), window_size, padding=window_size // 2)
+    return x.reshape(B, nh, d, window_size ** 2, N).permute(0, 1, 4, 3, 2)
+
+
+class QuantAggregatedAttention(nn.Module):
+    """TransNeXt's aggregated attention (``backbones.transnext.AggregatedAttention``,
+    ``ops.aggregated_attention_reference`` math), explicit; the softmax weights (local + pooled) one step per head."""
+
+    def __init__(self, m: nn.Module, abits: int, wbits: int, qkr: bool = False, probs: bool = True):
+        super().__init__()
+        _adopt(self, m, ("num_heads", "head_dim", "attn_drop", "window_size"))
+        self.probs_q = _probs_quantizer(probs, abits, self.num_heads, 1)
+
+    def forward(self, x: torch.Tensor, size, pool_size, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        from backbones.transnext import cpb_bias
+
+        B, N, C = x.shape
+        nh, hd, K = self.num_heads, self.head_dim, self.window_size
+        q = self.q(x).reshape(B, N, nh, hd).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, N, 2 * nh, hd).transpose(1, 2).chunk(2, dim=1)
+        pooled = self.act(self.sr(x.transpose(1, 2).reshape(B, C, *size)))
+        pooled = self.norm(F.adaptive_avg_pool2d(pooled, pool_size).flatten(2).transpose(1, 2))
+        P = pooled.shape[1]
+        k_pool, v_pool = self.kv(pooled).reshape(B, P, 2 * nh, hd).transpose(1, 2).chunk(2, dim=1)
+        pool_bias = cpb_bias(self.cpb_fc1, self.cpb_fc2, index, table, N, P)
+
+        ones = torch.ones(1, 1, *size, device=x.device)
+        valid = F.unfold(ones, K, padding=K // 2)[0].transpose(0, 1) > 0  # (N, K*K) neighbour inside the grid
+        length_scale = torch.log(valid.sum(-1, keepdim=True).float() + P).to(q.dtype)
+        q_norm = F.normalize(q, dim=-1)
+        q_scaled = (q_norm + self.query_embedding) * F.softplus(self.temperature) * length_scale
+        k_local = _neighbours(F.normalize(k, dim=-1), size, K)
+        attn_local = (q_scaled.unsqueeze(-2) @ k_local.transpose(-1, -2)).squeeze(-2)
+        attn_local = (attn_local + self.relative_pos_bias_local.unsqueeze(1)).masked_fill(~valid, float("-inf"))
+        attn_pool = q_scaled @ F.normalize(k_pool, dim=-1).transpose(-1, -2) + pool_bias
+        probs = _q(self.probs_q, torch.cat([attn_local, attn_pool], dim=-1).softmax(dim=-1))
+        probs = _dropout(probs, self.attn_drop, self.training)
+        w_local, w_pool = probs.split([K * K, P], dim=-1)
+        w_local = w_local + q_norm @ self.learnable_tokens + self.learnable_bias
+        out = (w_local.unsqueeze(-2) @ _neighbours(v, size, K)).squeeze(-2) + w_pool @ v_pool
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+
+# ---- OverLoCK ----------------------------------------------------------------------------------------------------
+class ContMixProbs(nn.Module):
+    """Quantizers of OverLoCK ContMix's two dynamic kernels (``[B, heads, H, W, taps]`` softmax outputs), set as
+    ``DynamicConvBlock.probs_quant``: unsigned LSQ, one step per head (the pixel count depends on the resolution)."""
+
+    def __init__(self, heads: int, abits: int):
+        super().__init__()
+        self.small_q = LSQQuantizer(abits, heads, dim=1, signed=False)
+        self.large_q = LSQQuantizer(abits, heads, dim=1, signed=False)
+
+    def forward(self, attn_s: torch.Tensor, attn_k: torch.Tensor):
+        return self.small_q(attn_s), self.large_q(attn_k)
+
+
+# ---- which modules -----------------------------------------------------------------------------------------------
+_SWAPS = {  # (family module, class name) -> quantized module
+    ("backbones.davit", "WindowAttention"): QuantWindowAttention,
+    ("backbones.davit", "ChannelAttention"): QuantChannelAttention,
+    ("backbones.halonet", "HaloAttention"): QuantHaloAttention,
+    ("backbones.transnext", "Attention"): QuantTransNeXtAttention,
+    ("backbones.transnext", "AggregatedAttention"): QuantAggregatedAttention,
+}
+_OVERLOCK = ("backbones.overlock", "DynamicConvBlock")
+
+
+def _kind(m: nn.Module):
+    key = (type(m).__module__, type(m).__name__)
+    if key == _OVERLOCK and getattr(m, "probs_quant", None) is None:
+        return ContMixProbs
+    return _SWAPS.get(key)
+
+
+def supports_qkr(m: nn.Module) -> bool:
+    kind = m if isinstance(m, type) else _kind(m)
+    return isinstance(kind, type) and issubclass(kind, QKRAttention)
+
+
+def attention_modules(model: nn.Module, attn_probs: bool = True, qkr: bool = False) -> List[str]:
+    """Names of the attention modules of ``model`` that ``quantize_attention`` handles: every supported one when
+    ``attn_probs``, else (``qkr`` only) those with QKR."""
+    out = []
+    for n, m in model.named_modules():
+        kind = _kind(m)
+        if kind is not None and (attn_probs or (qkr and supports_qkr(kind))):
+            out.append(n)
+    return out
+
+
+def qkr_owned(model: nn.Module, names: List[str]) -> List[str]:
+    """Layers that QKR quantizes itself (left alone by the layer policy): the q/k/v projections of ``names``."""
+    out = []
     for n in names:
-        parent, _, child = n.rpartition(".")
+        kind = _kind(model.get_submodule(n))
+        if supports_qkr(kind):
+            out += [f"{n}.{k.rsplit('.', 1)[0]}" for k in kind.qkr_keys]
+    return out
+
+
+def quantize_attention(model: nn.Module, names: list, abits: int, wbits: int, qkr: bool = False,
+                       attn_probs: bool = True) -> Dict[str, str]:
+    """Swap the attention modules ``names`` (from ``attention_modules``) for their quantized version (after the
+    linears were swapped; OverLoCK: set its ``probs_quant``). Returns ``{name: role}``, role ``attention_qkr``
+    where QKR applies, else ``attention``."""
+    roles = {}
+    for n in names:
         m = model.get_submodule(n)
-        setattr(model.get_submodule(parent) if parent else model, child, QuantWindowAttention(m, abits, wbits, qkr))
-    return names
+        kind = _kind(m)
+        if kind is None:
+            raise ValueError(f"{n} ({type(m).__name__}) is not a supported attention module")
+        use_qkr = qkr and supports_qkr(kind)
+        if kind is ContMixProbs:
+            m.probs_quant = ContMixProbs(m.num_heads, abits).to(next(m.parameters()).device)
+        else:
+            parent, _, child = n.rpartition(".")
+            q = kind(m, abits, wbits, use_qkr, attn_probs).to(next(m.parameters()).device)
+            setattr(model.get_submodule(parent) if parent else model, child, q)
+        roles[n] = "attention_qkr" if use_qkr else "attention"
+    return roles

@@ -5,7 +5,9 @@ Hooks (no change to the training loop):
     before Lightning restores a checkpoint and builds the optimizer, so the quantizer parameters are optimised,
     checkpointed and restored like any other parameter;
   * ``on_train_batch_start`` (first batch of a fresh run): initialises every LSQ step from that batch in eval mode
-    without gradients (the official ``setup_alpha``) and copies the quantizer state into the EMA copy;
+    without gradients (the official ``setup_alpha``) and copies the quantizer state into the EMA copy; it calls
+    the plain ``pl_module.model``, so with ``module.compile=true`` the compiled graph only ever sees initialised
+    quantizers (no graph break: see ``LSQQuantizer``);
   * ``on_before_optimizer_step`` / ``on_train_batch_end`` during the last ``cga_epochs`` epochs: CGA freezing
     (gradients of frozen weights zeroed, their values restored after the step);
   * ``on_train_batch_end``: oscillation tracking of every target-bit weight, logged as ``ofq/osc_frac`` (fraction of
@@ -25,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .modules import QUANT_LAYERS, QuantConfig, quantize_model, quantized_layers
-from .attention import QuantWindowAttention
+from .attention import QKRAttention
 from .oscillation import OscillationTracker, cga_free_mask
 from .quantizers import LSQQuantizer
 
@@ -99,7 +101,7 @@ class OFQ(L.Callback):
     # ---- CGA -----------------------------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         for m in pl_module.model.modules():  # QKR: CGA inside the W_qk quantizer (official)
-            if isinstance(m, QuantWindowAttention):
+            if isinstance(m, QKRAttention):
                 m.cga_active, m.boundary_range = self._cga_active(trainer), self.boundary_range
 
     def _cga_active(self, trainer) -> bool:

@@ -6,8 +6,10 @@ File format (``.safetensors``): for every quantized layer ``L``, ``L.weight.code
 the step); every other tensor (activation steps, shifts, biases, norms) as stored in the model. The metadata holds
 ``format='ofq'``, ``model_name``, ``model_kwargs`` and the ``ofq`` quantization config (JSON).
 ``load_quantized`` rebuilds the model, applies the same layer policy and loads ``scale * codes`` as weights with
-the weight quantizers switched off (``deployed``): in fp32 it computes the same logits as the fake-quant model. QKR attention stores ``W_v`` and the per-head products ``W_qk``
-(``<attn>.wv.codes/scale``, ``<attn>.wqk.codes/scale``, StatsQ codes) instead of ``qkv.weight``.
+the weight quantizers switched off (``deployed``): in fp32 it computes the same logits as the fake-quant model.
+QKR attention stores ``W_v`` and the per-head products ``W_qk`` (``<attn>.wv.codes/scale``, ``<attn>.wqk.codes/
+scale``; HaloNet also ``<attn>.wq.codes/scale`` for its relative-position logits; StatsQ codes) instead of the
+q/k/v weights (DaViT ``qkv.weight``, HaloNet ``q.weight`` and ``kv.weight``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from .attention import QuantWindowAttention
+from .attention import QKRAttention
 from .modules import QuantConfig, quantize_model, quantized_layers
 
 __all__ = ["export_quantized", "export_checkpoint", "is_ofq_export", "load_quantized", "quantize_for_checkpoint"]
@@ -38,13 +40,16 @@ def export_quantized(model: nn.Module, path: os.PathLike, cfg: QuantConfig | Dic
         del sd[f"{name}.weight"]
         sd[f"{name}.weight.codes"] = codes.cpu().contiguous()
         sd[f"{name}.weight.scale"] = scale.cpu().contiguous()
-    for name, m in model.named_modules():  # QKR: W_v and the per-head products W_qk as integers + scales
-        if isinstance(m, QuantWindowAttention) and m.qkr:
-            C = m.qkv.weight.shape[1]
-            for key, w in (("wv", m.qkv.weight[2 * C:]), ("wqk", m.qk_product())):
+    for name, m in model.named_modules():  # QKR: W_v, the per-head products W_qk (HaloNet: and W_q)
+        if isinstance(m, QKRAttention) and m.qkr:
+            if m.deployed is not None:
+                raise ValueError(f"{name} is already deployed; export the training (fake-quant) model")
+            for key, w in m.qkr_weights().items():
                 codes, scale = m.v_quant.export(w)
-                sd[f"{name}.{key}.codes"], sd[f"{name}.{key}.scale"] = codes.contiguous(), scale.contiguous()
-            del sd[f"{name}.qkv.weight"]  # W_q, W_k and W_v are not needed once W_qk and W_v are exported
+                sd[f"{name}.{key}.codes"] = codes.cpu().contiguous()
+                sd[f"{name}.{key}.scale"] = scale.cpu().contiguous()
+            for key in m.qkr_keys:  # the q/k/v weights are not needed once these are exported
+                del sd[f"{name}.{key}"]
     meta = {"format": "ofq", "model_name": model_name, "model_kwargs": json.dumps(model_kwargs or {}),
             "ofq": json.dumps(cfg.to_dict())}
     save_file(sd, str(path), metadata=meta)
@@ -79,8 +84,10 @@ def export_checkpoint(ckpt_path: os.PathLike, out_path: os.PathLike, use_ema: bo
     export_quantized(model, out_path, ckpt["ofq"], hp["model_name"], kwargs)
 
 
-def load_quantized(path: os.PathLike) -> nn.Module:
-    """The model of an ``export_quantized`` file, in eval mode, computing with the exported integer weights."""
+def load_quantized(path: os.PathLike, model: Optional[nn.Module] = None) -> nn.Module:
+    """The model of an ``export_quantized`` file, in eval mode, computing with the exported integer weights.
+    ``model``: a full-precision model built like the exported one, used instead of ``timm.create_model(model_name,
+    **model_kwargs)`` from the metadata (for constructor arguments JSON cannot hold, e.g. HaloNet ``StageCfg``s)."""
     import timm
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -91,7 +98,8 @@ def load_quantized(path: os.PathLike) -> nn.Module:
         meta = f.metadata() or {}
     if meta.get("format") != "ofq":
         raise ValueError(f"{path} is not an OFQ export (metadata format={meta.get('format')!r})")
-    model = timm.create_model(meta["model_name"], **json.loads(meta["model_kwargs"]))
+    if model is None:
+        model = timm.create_model(meta["model_name"], **json.loads(meta["model_kwargs"]))
     quantize_model(model, json.loads(meta["ofq"]))
     sd = load_file(str(path))
     for name, m in quantized_layers(model):
@@ -99,10 +107,11 @@ def load_quantized(path: os.PathLike) -> nn.Module:
         sd[f"{name}.weight"] = (scale.view(-1, *([1] * (codes.ndim - 1))) * codes.float()).to(m.raw_weight.dtype)
         m.deployed = True
     for name, m in model.named_modules():
-        if isinstance(m, QuantWindowAttention) and m.qkr:
-            deq = [sd.pop(f"{name}.{k}.scale")[:, None] * sd.pop(f"{name}.{k}.codes").float() for k in ("wv", "wqk")]
-            m.deployed = tuple(t.to(m.qkv.weight.dtype) for t in deq)
-            sd[f"{name}.qkv.weight"] = torch.zeros_like(m.qkv.weight)  # unused once deployed
+        if isinstance(m, QKRAttention) and m.qkr:
+            m.deployed = {k: (sd.pop(f"{name}.{k}.scale")[:, None] * sd.pop(f"{name}.{k}.codes").float()).to(w.dtype)
+                          for k, w in m.qkr_weights().items()}
+            for key in m.qkr_keys:
+                sd[f"{name}.{key}"] = torch.zeros_like(m.get_parameter(key))  # unused once deployed
     model.load_state_dict(sd)
     return model.eval()
 

@@ -40,8 +40,8 @@ class QuantConfig:
     unsigned_inputs: List[str] = field(default_factory=lambda: ["*fc2"])   # official: MLP fc2 input unsigned
     qkv_outputs: List[str] = field(default_factory=lambda: ["*qkv", "*.q", "*.k", "*.v", "*.kv"])
     act_granularity: str = "channel"        # 'channel' (one step per input channel) | 'tensor'
-    attn_probs: bool = True                 # quantize attention probabilities where supported (backbones.quant.attention)
-    qkr: bool = False                       # query-key reparameterisation where supported
+    attn_probs: bool = True                 # quantize attention probabilities (backbones.quant.attention)
+    qkr: bool = False                       # query-key reparameterisation (DaViT spatial attention, HaloNet)
     probe: bool = True                      # dry run: layers never called (fused ops) get no input quantizer
 
     def __post_init__(self):
@@ -172,21 +172,22 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | Dict) -> Dict[str, str]:
         ``weight_quantizer`` (StatsQ) weights at ``wbits``, LSQ inputs at ``abits`` between learnable shifts;
         input sign detected on the first batch, unsigned for ``unsigned_inputs`` (official: MLP ``fc2``);
       * q/k/v projections (``qkv_outputs``): their outputs (the attention operands) LSQ-quantized at ``abits``;
-      * attention probabilities (``attn_probs``) and QKR (``qkr``) where ``backbones.quant.attention`` supports
-        the family's attention module (now: DaViT spatial window attention);
+      * attention probabilities (``attn_probs``: DaViT spatial and channel, HaloNet, TransNeXt full and aggregated
+        attention, OverLoCK ContMix) and QKR (``qkr``: DaViT spatial attention, HaloNet) through
+        ``backbones.quant.attention`` (roles ``attention`` / ``attention_qkr``);
       * norms, softmax, GELU and other non-linearities, residual adds, position biases stay full precision.
     A dry run (``probe``) finds layers whose forward never runs because a fused op reads their weights (VAN's
     LKA, MS-MLP's mix-shift): their weights are quantized (``layer.weight`` is quantized) but they get no input
     quantizer (role ``weight_only``), so no parameter stays unused under DDP.
     Modules that already are quantized are left alone (idempotent).
     """
-    from .attention import attention_modules, quantize_attention
+    from .attention import attention_modules, qkr_owned as _qkr_owned, quantize_attention
 
     cfg = cfg if isinstance(cfg, QuantConfig) else QuantConfig(**cfg)
     edges = set(_edge_layers(model, cfg))
     roles: Dict[str, str] = {}
-    attn = attention_modules(model) if (cfg.attn_probs or cfg.qkr) else []
-    qkr_owned = {f"{n}.qkv" for n in attn} if cfg.qkr else set()  # QKR quantizes q/k/v itself
+    attn = attention_modules(model, cfg.attn_probs, cfg.qkr)
+    qkr_owned = set(_qkr_owned(model, attn)) if cfg.qkr else set()  # QKR quantizes q/k/v itself
     targets = [(n, m) for n, m in model.named_modules()
                if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, QUANT_LAYERS)
                and _matches(n, cfg.include) and not _matches(n, cfg.exclude) and n not in qkr_owned]
@@ -211,8 +212,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | Dict) -> Dict[str, str]:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
         roles[name] = role
-    for n in quantize_attention(model, attn, cfg.abits, cfg.wbits, cfg.qkr):
-        roles[n] = "attention_qkr" if cfg.qkr else "attention"
+    roles.update(quantize_attention(model, attn, cfg.abits, cfg.wbits, cfg.qkr, cfg.attn_probs))
     if roles and cfg.probe:
         for n in _uncalled_layers(model, [n for n, r in roles.items() if r in ("edge", "block")]):
             model.get_submodule(n).drop_input_quant()

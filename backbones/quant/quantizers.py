@@ -60,9 +60,15 @@ class LSQQuantizer(nn.Module):
 
     ``channels`` step sizes along ``dim`` of the input (``dim=None``: one step). The step is initialised from the
     first input it sees (``2 * mean|x| / sqrt(Qp)`` signed, ``4 * mean|x| / sqrt(Qp)`` unsigned, the mean taken
-    per step; averaged over ranks under DDP) and its gradient is scaled by ``1 / sqrt(Qp * elements per step)``.
+    per step; averaged over ranks under DDP) and its gradient is scaled by ``1 / sqrt(Qp * elements per step)``
+    (elements of the global batch under DDP: see ``grad_scale``).
     ``signed=None`` decides the sign once, at initialisation, by the official image-input rule (signed iff
     ``min(x) < -1e-5``). The decision and the initialisation are buffers, so a resumed run does not redo them.
+
+    ``torch.compile``: the forward reads both flags from a Python-side cache (filled from the buffers on first use,
+    refreshed by ``init_from`` and ``load_state_dict``), so an initialised quantizer traces without a graph break.
+    The first-batch initialisation itself (a data-dependent branch, ``.item()`` and, under DDP, collectives) is
+    eager-only: run one eager forward (the OFQ callback does, on the first batch) before compiling.
     """
 
     def __init__(self, bits: int, channels: int = 1, dim: Optional[int] = None, signed: Optional[bool] = True):
@@ -74,10 +80,20 @@ class LSQQuantizer(nn.Module):
         self.step = nn.Parameter(torch.ones(channels))
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("signed_state", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
+        self._flags = None  # (initialized, signed_state) as Python values: see the class doc (torch.compile)
+
+    def _cached_flags(self):
+        if self._flags is None:
+            self._flags = (bool(self.initialized), int(self.signed_state))
+        return self._flags
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._flags = None
 
     @property
     def signed(self) -> bool:
-        return bool(self.signed_state.item() != 0)
+        return self._cached_flags()[1] != 0
 
     @property
     def qrange(self):
@@ -91,6 +107,7 @@ class LSQQuantizer(nn.Module):
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(neg, op=dist.ReduceOp.MAX)
             self.signed_state.fill_(int(neg.item()))
+            self._flags = None
         qp = self.qrange[1]
         if self.dim is None:
             mean = x.abs().mean().reshape(1)
@@ -102,14 +119,22 @@ class LSQQuantizer(nn.Module):
             init /= dist.get_world_size()
         self.step.copy_(init)
         self.initialized.fill_(True)
+        self._flags = None
 
     def grad_scale(self, x: torch.Tensor) -> float:
-        return 1.0 / math.sqrt(self.qrange[1] * x.numel() / self.step.numel())
+        """``1 / sqrt(Qp * elements per step)``, the elements counted over the global batch under DDP (``x.numel()
+        * world size``), so that W processes at batch b train exactly like one process at batch W*b. The official
+        code counts the elements of the process's own batch (on W GPUs its step gradients are sqrt(W) larger);
+        with one process both are the same."""
+        n = x.numel()
+        if dist.is_available() and dist.is_initialized():
+            n *= dist.get_world_size()
+        return 1.0 / math.sqrt(self.qrange[1] * n / self.step.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if PROBE is not None:
             return x
-        if not self.initialized:
+        if not self._cached_flags()[0]:
             self.init_from(x)
         return lsq_fake_quant(x, self.step, self.bits, self.signed, self.dim, self.grad_scale(x))
 
@@ -132,7 +157,7 @@ class LSQQuantizer(nn.Module):
         return self.integers(w).to(torch.int8), self.step.detach().float().clamp_min(1e-5)
 
     def extra_repr(self) -> str:
-        s = {-1: "auto", 0: "False", 1: "True"}[int(self.signed_state.item())]
+        s = {-1: "auto", 0: "False", 1: "True"}[int(self.signed_state)]
         return f"bits={self.bits}, channels={self.step.numel()}, dim={self.dim}, signed={s}"
 
 
