@@ -25,7 +25,11 @@ MODEL_SHAPES = [
     ("van_b0 s0 5x5", 64, 32, 56, 56, 5, 1),
     ("van_b0 s0 7x7 d3", 64, 32, 56, 56, 7, 3),
     ("van_b0 s1 7x7 d3", 64, 64, 28, 28, 7, 3),
+    ("van_b0 s2 7x7 d3", 64, 160, 14, 14, 7, 3),
+    ("van_b0 s3 7x7 d3", 64, 256, 7, 7, 7, 3),
+    ("van_b0 s1 5x5", 64, 64, 28, 28, 5, 1),
     ("van_b0 s0 mlp 3x3", 64, 256, 56, 56, 3, 1),
+    ("van_b0 s2 mlp 3x3", 64, 1280, 14, 14, 3, 1),
     ("B64 C64 56 7x7 d3", 64, 64, 56, 56, 7, 3),
 ]
 SWEEP = [("B64 C64 56 k%d" % k, 64, 64, 56, 56, k, 1) for k in (3, 5, 7, 9, 13, 17, 21, 25, 31)]
@@ -42,7 +46,8 @@ def bench(label, B, C, H, W, k, dil, dtype, cl, bw_gbs, compiled):
     ref = lambda: dwconv2d_reference(x, w, b, 1, pad, dil)  # noqa: E731
     comp = lambda: compiled(x, w, b, 1, pad, dil)  # noqa: E731
     err = ((ours().float() - ref().float()).norm() / ref().float().norm()).item()
-    t_ours, t_ref, t_comp = time_ms(ours) * 1e3, time_ms(ref) * 1e3, try_time_ms(comp)
+    t_ours, t_ref = time_ms(ours) * 1e3, time_ms(ref) * 1e3
+    t_comp = try_time_ms(comp) if compiled else None
     t_comp = t_comp * 1e3 if t_comp is not None else None
     xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
     g = torch.randn_like(ref())
@@ -55,7 +60,7 @@ def bench(label, B, C, H, W, k, dil, dtype, cl, bw_gbs, compiled):
 
     tb_ours = time_ms(fb(lambda *a: dwconv2d(*a, impl="triton"))) * 1e3
     tb_ref = time_ms(fb(dwconv2d_reference)) * 1e3
-    tb_comp = try_time_ms(fb(compiled))
+    tb_comp = try_time_ms(fb(compiled)) if compiled else None
     tb_comp = tb_comp * 1e3 if tb_comp is not None else None
     gbs = 2 * x.numel() * x.element_size() / (t_ours * 1e-6) / 1e9
     return {
@@ -70,19 +75,21 @@ def bench(label, B, C, H, W, k, dil, dtype, cl, bw_gbs, compiled):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="bf16 channels-last only")
+    ap.add_argument("--no-sweep", action="store_true", help="only the shapes the models produce")
+    ap.add_argument("--skip-compile", action="store_true", help="skip the torch.compile baseline")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     torch._dynamo.config.recompile_limit = 1024  # one compiled graph per shape, never a silent eager fallback
     torch._dynamo.config.accumulated_recompile_limit = 4096
     bw = copy_bandwidth_gbs()
     print(f"device: {device_name()}; copy bandwidth (read+write): {bw:.0f} GB/s")
-    compiled = torch.compile(dwconv2d_reference, dynamic=False)
+    compiled = None if args.skip_compile else torch.compile(dwconv2d_reference, dynamic=False)
     cols = ["shape", "dtype", "layout", "fwd us", "cuDNN fwd", "compile fwd", "x cuDNN", "x compile", "GB/s",
             "% copy bw", "fwd+bwd us", "cuDNN f+b", "compile f+b", "x cuDNN f+b", "rel err"]
     configs = [(torch.bfloat16, True)] if args.quick else [(torch.bfloat16, True), (torch.bfloat16, False),
                                                            (torch.float32, True)]
     for dtype, cl in configs:
-        rows = [bench(*s, dtype, cl, bw, compiled) for s in MODEL_SHAPES + SWEEP]
+        rows = [bench(*s, dtype, cl, bw, compiled) for s in MODEL_SHAPES + ([] if args.no_sweep else SWEEP)]
         print_table(rows, cols, f"dwconv2d, {str(dtype).split('.')[-1]}, {'channels-last' if cl else 'NCHW'}")
 
 

@@ -27,8 +27,8 @@ Triton path (``impl='triton'``, and ``auto`` on CUDA tensors; measured in
 ``benchmarks/bench_halo.py``): fp32/fp16/bf16 (fp32 accumulation, fp32 ``tl.dot`` in IEEE precision; under autocast
 all operands are cast to the autocast dtype, as the reference's matmuls would be), any input strides (the model's
 k/v are views into one conv output, channels-last under AMP), any head dims (padded to powers of two; q/k head
-<= 128, <= 32 in fp32), strided queries, windows up to 16 x 16 (``block_size + 2*halo_size <= 16``: every HaloNet
-here but H5). Other arguments: the reference (``auto``), or an error (``impl='triton'``).
+<= 128, <= 32 in fp32), strided queries, blocks up to 8 x 8 and windows up to 16 x 16 (``block_size + 2*halo_size <= 16``: every
+HaloNet here but H5). Other arguments: the reference (``auto``), or an error (``impl='triton'``).
 
 * One program per (batch*head, block, chunk of the block's queries; by default as many queries as keep the logits
   tile at 16K values in the forward, 8K in the backward, half that in fp32: e.g. 64 = H1's whole 8 x 8 block
@@ -128,7 +128,9 @@ def halo_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # One program holds the whole window (<= 16 x 16 keys) and the q/k head; in fp32 (IEEE dots) a q/k head of 64
 # needs more shared memory than an H100 block has (ptxas for sm_90: 253 KiB), so fp32 takes heads <= 32.
-_MAX_WIN, _MAX_DQK, _MAX_DQK_FP32 = 16, 128, 32
+# Blocks of <= 8 x 8 queries/keys (every HaloNet and timm hybrid uses 7 or 8): larger key blocks make the
+# key-stationary backward's tiles 128 x 128, which ptxas did not finish compiling within minutes on an H100.
+_MAX_WIN, _MAX_BLOCK, _MAX_DQK, _MAX_DQK_FP32 = 16, 8, 128, 32
 
 
 def _kernel_dtype(q: torch.Tensor) -> torch.dtype:
@@ -139,7 +141,7 @@ def _kernel_dtype(q: torch.Tensor) -> torch.dtype:
 
 def _triton_supported(dt: torch.dtype, tensors, dqk: int, block_size: int, halo_size: int) -> bool:
     return (dt in _KERNEL_DTYPES and all(t.dtype in _KERNEL_DTYPES for t in tensors)
-            and block_size + 2 * halo_size <= _MAX_WIN
+            and block_size + 2 * halo_size <= _MAX_WIN and block_size <= _MAX_BLOCK
             and dqk <= (_MAX_DQK_FP32 if dt == torch.float32 else _MAX_DQK))
 
 

@@ -24,7 +24,7 @@ CASES = [  # B, heads, dqk, dv, nbh, nbw (blocks per side), block, halo, stride
     (1, 3, 4, 2, 3, 1, 2, 1, 2),   # strided queries, one query per block
     (1, 1, 2, 3, 2, 2, 3, 0, 1),   # no halo
     (1, 1, 3, 70, 1, 2, 2, 1, 1),  # value head > 64: two value-channel chunks, the second partial
-    (1, 1, 3, 70, 1, 2, 10, 1, 1),  # block 10 (128 keys): the key-stationary backward splits dv in 2 programs
+    (1, 1, 3, 130, 1, 1, 8, 1, 1),  # block 8 (64 keys), value head 130: the key-stationary backward splits dv in 2
 ]
 
 
@@ -115,12 +115,15 @@ def test_dispatch():
     k, v = kv.split([2, 2], 2)
     q.requires_grad_()
     kernel = halo_attention(q, k, v, rel[0], rel[1], 2, 1, impl="triton")
-    auto = halo_attention(q, k, v, rel[0], rel[1], 2, 1)  # auto keeps the reference until benchmarked (also on CUDA)
+    auto = halo_attention(q, k, v, rel[0], rel[1], 2, 1)  # auto: the kernels on CUDA, the reference on CPU
     assert type(kernel.grad_fn).__name__ == "_HaloFunctionBackward"
-    assert type(auto.grad_fn).__name__ != "_HaloFunctionBackward"
+    assert (type(auto.grad_fn).__name__ == "_HaloFunctionBackward") == q.is_cuda
     q = q.detach()
     with pytest.raises(ValueError, match="does not support"):  # float64: reference only
         halo_attention(q.double(), k.double(), v.double(), rel[0].double(), rel[1].double(), 2, 1, impl="triton")
+    q10, kv10, rel10 = _inputs(1, 1, 2, 2, 1, 1, 10, 1, 1)  # blocks > 8 x 8: the reference only
+    with pytest.raises(ValueError, match="does not support"):
+        halo_attention(q10, *kv10.split([2, 2], 2), rel10[0], rel10[1], 10, 1, impl="triton")
     with pytest.raises(TypeError, match="dtypes differ"):
         halo_attention(q, k, v.half(), rel[0], rel[1], 2, 1, impl="triton")
     with pytest.raises(ValueError, match="divisible by block_size"):
