@@ -62,7 +62,10 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--size", type=int, default=224, help="input size; models that cannot take it use their "
                     "pretrained_cfg input size (e.g. HaloNet at 256)")
+    ap.add_argument("--impl", choices=["auto", "triton"], default="auto",
+                    help="the 'triton' columns: auto (the dispatchers' choice) or every op with a kernel forced")
     args = ap.parse_args()
+    print(f"ops path '{args.impl}' vs 'reference'")
     print(f"device: {device_name()}; batch {args.batch}, {args.size}x{args.size}, bf16 autocast, channels-last")
     rows = []
     for name in args.models:
@@ -73,7 +76,7 @@ def main():
                 row = {"model": name, "size": size, "infer img/s": inf, "train img/s": tr}
             else:
                 ref_inf, ref_tr = throughput(name, args.batch, size, "reference")
-                tri_inf, tri_tr = throughput(name, args.batch, size, "auto")
+                tri_inf, tri_tr = throughput(name, args.batch, size, args.impl)
                 row = {"model": name, "size": size, "ref infer img/s": ref_inf, "triton infer img/s": tri_inf,
                        "x infer": tri_inf / ref_inf, "ref train img/s": ref_tr, "triton train img/s": tri_tr,
                        "x train": tri_tr / ref_tr}

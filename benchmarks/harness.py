@@ -17,6 +17,19 @@ def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def graph_time_ms(fn: Callable[[], object]) -> Optional[float]:
+    """Median milliseconds of ``fn()`` replayed from a CUDA graph: the GPU time without Python/launch overhead
+    (what a CPU-bound ``time_ms`` hides). None when ``fn`` cannot be captured."""
+    from triton.testing import do_bench_cudagraph
+    try:
+        fn()  # allocate/compile outside the capture
+        torch.cuda.synchronize()
+        return do_bench_cudagraph(fn, rep=50, return_mode="median")
+    except Exception as e:
+        print(f"  [no CUDA-graph time: {type(e).__name__}: {str(e)[:120]}]", file=sys.stderr)
+        return None
+
+
 def try_time_ms(fn: Callable[[], object], **kw) -> Optional[float]:
     try:
         return time_ms(fn, **kw)

@@ -68,10 +68,10 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     elif weight.dtype != x.dtype:
         raise TypeError(f"dwconv2d: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
     weight, dil = weight.contiguous(), _pair(dilation)[0]
-    with torch.autocast(x.device.type, enabled=False):
-        if torch.compiler.is_compiling():  # an opaque custom op with a registered backward for torch.compile
+    if torch.compiler.is_compiling():  # an opaque custom op with a registered backward for torch.compile
+        with torch.autocast(x.device.type, enabled=False):
             return torch.ops.metamixer.dwconv2d(x, weight, bias, dil)
-        return _DWConv2dFn.apply(x, weight, bias, dil)  # eager: ~10x less per-call overhead than the custom op
+    return _DWConv2dFn.apply(x, weight, bias, dil)  # eager: ~10x less per-call overhead than the custom op
 
 
 class DWConv2d(nn.Conv2d):
@@ -98,8 +98,9 @@ if triton_available():
     @triton.jit
     def _dwconv_fwd_kernel(X, Wt, Bias, Y, C, H, W, sxb, sxc, sxh, sxw, syb, syc, syh, syw,
                            K: tl.constexpr, DIL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_C: tl.constexpr,
-                           BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        """One program: a BLOCK_H x BLOCK_W pixel tile of one image, BLOCK_C channels, all K*K taps."""
+                           FLIP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One program: a BLOCK_H x BLOCK_W pixel tile of one image, BLOCK_C channels, all K*K taps.
+        FLIP reads the kernel rotated by 180 degrees (the input gradient), without a flipped copy."""
         pid_s, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         tiles_w = tl.cdiv(W, BLOCK_W)
         p = tl.arange(0, BLOCK_H * BLOCK_W)
@@ -120,7 +121,8 @@ if triton_available():
                 iw = ow + (j * DIL - PAD)
                 m = (hmask & (iw >= 0) & (iw < W))[:, None] & cmask[None, :]
                 xv = tl.load(x_ptr + (i * DIL * sxh + j * DIL * sxw), mask=m, other=0.0)
-                wv = tl.load(w_ptr + (i * K + j), mask=cmask, other=0.0)
+                tap = (K * K - 1 - (i * K + j)) if FLIP else (i * K + j)
+                wv = tl.load(w_ptr + tap, mask=cmask, other=0.0)
                 acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(Bias + oc, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -131,11 +133,12 @@ if triton_available():
     @triton.jit
     def _dwconv_bwd_w_kernel(X, GY, GW, B, C, H, W, sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw, ROWS_PER_PROG,
                              K: tl.constexpr, KKP: tl.constexpr, DIL: tl.constexpr, BLOCK_C: tl.constexpr,
-                             UNROLL: tl.constexpr):
+                             UNROLL: tl.constexpr, NEED_B: tl.constexpr):
         """Weight gradient, tap-stationary: the program keeps a (K*K, BLOCK_C) fp32 accumulator and walks a run of
         output rows (across images), pixel by pixel: per pixel it loads the grad vector once and the K x K input
         patch around it, so the sum over pixels never crosses threads. Each run writes its partial sums to
-        GW[run] (no atomics: deterministic)."""
+        GW[run] (no atomics: deterministic), laid out (C, K*K + NEED_B): with NEED_B, row K*K of the accumulator
+        sums the grad itself (the bias gradient)."""
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
         oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = oc < C
@@ -146,6 +149,7 @@ if triton_available():
         dj = (t % K) * DIL - PAD
         patch = (di * sxh + dj * sxw)[:, None] + oc[None, :] * sxc
         acc = tl.zeros((KKP, BLOCK_C), dtype=tl.float32)
+        is_b = (t == K * K)[:, None]
         row0 = pid_r * ROWS_PER_PROG
         row1 = tl.minimum(row0 + ROWS_PER_PROG, B * H)
         for r in range(row0, row1):
@@ -162,9 +166,13 @@ if triton_available():
                     ww = w + dj
                     m = rmask & (ww >= 0) & (ww < W) & (t * 0 + w < W)
                     xv = tl.load(x_row + w * sxw, mask=m[:, None] & cmask[None, :], other=0.0)
-                    acc += xv.to(tl.float32) * g.to(tl.float32)[None, :]
-        out = GW + pid_r.to(tl.int64) * (K * K * C) + t[:, None] * C + oc[None, :]
-        tl.store(out, acc, mask=tmask[:, None] & cmask[None, :])
+                    xv = xv.to(tl.float32)
+                    if NEED_B:
+                        xv = tl.where(is_b, 1.0, xv)
+                    acc += xv * g.to(tl.float32)[None, :]
+        KK1: tl.constexpr = K * K + NEED_B
+        out = GW + pid_r.to(tl.int64) * (KK1 * C) + oc[None, :] * KK1 + t[:, None]
+        tl.store(out, acc, mask=(t < KK1)[:, None] & cmask[None, :])
 
     def _blocks(x: torch.Tensor, k: int) -> Tuple[int, int, int]:
         """Forward tile (BLOCK_H, BLOCK_W, BLOCK_C): channels-last vectorises over C, NCHW over W.
@@ -183,25 +191,27 @@ if triton_available():
             bh = max(1, 1024 // (bc * bw))
         return min(bh, triton.next_power_of_2(H)), min(bw, triton.next_power_of_2(W)), bc
 
-    def _launch_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], dil: int) -> torch.Tensor:
+    def _launch_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], dil: int,
+                    flip: bool = False) -> torch.Tensor:
         B, C, H, W = x.shape
         k = w.shape[-1]
         y = torch.empty_like(x)
         args = (x, w, b if b is not None else w, y, C, H, W, *x.stride(), *y.stride())
         bh, bw, bc = _blocks(x, k)
         grid = (triton.cdiv(H, bh) * triton.cdiv(W, bw), triton.cdiv(C, bc), B)
-        _dwconv_fwd_kernel[grid](*args, K=k, DIL=dil, HAS_BIAS=b is not None, EVEN_C=C % bc == 0,
+        _dwconv_fwd_kernel[grid](*args, K=k, DIL=dil, HAS_BIAS=b is not None, EVEN_C=C % bc == 0, FLIP=flip,
                                  BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
         return y
 
     def _bwd_w_blocks(C: int, k: int) -> Tuple[int, int, int]:
-        kkp = triton.next_power_of_2(k * k)
+        kkp = triton.next_power_of_2(k * k + 1)  # odd k >= 3: the same as k*k's; the spare row holds the bias sum
         bc = max(16, min(64, 8192 // kkp, triton.next_power_of_2(C)))
         while bc > 16 and C % bc:  # prefer a width that divides C (C=80: 5 x 16 rather than 64 + 16 of 64)
             bc //= 2
         return kkp, bc, 8 if kkp * bc > 4096 else 4
 
-    def _launch_bwd_w(x: torch.Tensor, grad: torch.Tensor, k: int, dil: int) -> torch.Tensor:
+    def _launch_bwd_w(x: torch.Tensor, grad: torch.Tensor, k: int, dil: int, need_b: bool) -> torch.Tensor:
+        """(C, k*k [+ 1 bias column]) fp32 sums."""
         B, C, H, W = x.shape
         kkp, bc, nw = _bwd_w_blocks(C, k)
         c_blocks = triton.cdiv(C, bc)
@@ -210,10 +220,11 @@ if triton_available():
         rows = B * H
         per = triton.cdiv(rows, max(1, min(rows, target // c_blocks)))
         runs = triton.cdiv(rows, per)
-        part = torch.empty(runs, k * k, C, device=x.device, dtype=torch.float32)
+        part = torch.empty(runs, C, k * k + need_b, device=x.device, dtype=torch.float32)
         _dwconv_bwd_w_kernel[(runs, c_blocks)](x, grad, part, B, C, H, W, *x.stride(), *grad.stride(), per,
-                                               K=k, KKP=kkp, DIL=dil, BLOCK_C=bc, UNROLL=4, num_warps=nw)
-        return part.sum(0).t().reshape(C, 1, k, k).contiguous()
+                                               K=k, KKP=kkp, DIL=dil, BLOCK_C=bc, UNROLL=4, NEED_B=need_b,
+                                               num_warps=nw)
+        return part.sum(0)
 
     @torch.library.custom_op("metamixer::dwconv2d", mutates_args=())
     def _dwconv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int) -> torch.Tensor:
@@ -230,19 +241,29 @@ if triton_available():
         return grad.contiguous(memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
 
     def _dwconv2d_bwd_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilation: int,
-                           need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        k = weight.shape[-1]
+                           need_x: bool, need_w: bool, need_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(grad_x, grad_weight, grad_bias); a 1-element placeholder for each one not needed (size-0 tensors would
+        share data pointer 0, which the custom op's no-aliasing check rejects)."""
+        C, k = weight.shape[0], weight.shape[-1]
         grad = _like_x(grad, x)
-        gx = _launch_fwd(grad, weight.flip(-1, -2).contiguous(), None, dilation) if need_x else x.new_empty(0)
-        gw = _launch_bwd_w(x, grad, k, dilation).to(weight.dtype) if need_w else weight.new_empty(0)
-        return gx, gw
+        gx = _launch_fwd(grad, weight, None, dilation, flip=True) if need_x else x.new_empty(1)
+        gw, gb = weight.new_empty(1), grad.new_empty(1)
+        if need_w:
+            sums = _launch_bwd_w(x, grad, k, dilation, need_b)
+            gw = sums[:, :k * k].to(weight.dtype).reshape(C, 1, k, k).contiguous()  # one copy (with a bias column)
+            if need_b:
+                gb = sums[:, k * k].to(grad.dtype, copy=True)  # its own contiguous storage (the fake kernel says so)
+        elif need_b:
+            gb = grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
+        return gx, gw, gb
 
     _dwconv2d_bwd_op = torch.library.custom_op("metamixer::dwconv2d_backward", _dwconv2d_bwd_impl, mutates_args=())
 
     @_dwconv2d_bwd_op.register_fake
-    def _(grad, x, weight, dilation, need_x, need_w):  # the real op's layouts: gx like grad in x's format
-        return (torch.empty_like(_like_x(grad, x)) if need_x else x.new_empty(0),
-                weight.new_empty(weight.shape) if need_w else weight.new_empty(0))
+    def _(grad, x, weight, dilation, need_x, need_w, need_b):  # the real op's layouts: gx like grad in x's format
+        return (torch.empty_like(_like_x(grad, x)) if need_x else x.new_empty(1),
+                weight.new_empty(weight.shape) if need_w else weight.new_empty(1),
+                grad.new_empty(weight.shape[0]) if need_b else grad.new_empty(1))
 
     def _setup_context(ctx, inputs, output):
         x, weight, bias, dilation = inputs
@@ -254,9 +275,8 @@ if triton_available():
         x, weight = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        gx, gw = _dwconv2d_bwd_op(grad, x, weight, ctx.dilation, need_x, need_w)
-        gb = grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype) if need_b else None
-        return (gx if need_x else None), (gw if need_w else None), gb, None
+        gx, gw, gb = _dwconv2d_bwd_op(grad, x, weight, ctx.dilation, need_x, need_w, need_b)
+        return (gx if need_x else None), (gw if need_w else None), (gb if need_b else None), None
 
     _dwconv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
@@ -272,6 +292,6 @@ if triton_available():
         def backward(ctx, grad):
             x, weight = ctx.saved_tensors
             need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            gx, gw = _dwconv2d_bwd_impl(grad, x, weight, ctx.dilation, need_x, need_w)
-            gb = grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-            return (gx if need_x else None), (gw if need_w else None), gb, None
+            need_b = ctx.has_bias and ctx.needs_input_grad[2]
+            gx, gw, gb = _dwconv2d_bwd_impl(grad, x, weight, ctx.dilation, need_x, need_w, need_b)
+            return (gx if need_x else None), (gw if need_w else None), (gb if need_b else None), None

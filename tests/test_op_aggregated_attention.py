@@ -54,14 +54,15 @@ def test_matches_reference(B, nh, H, W, d, P, K):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad of {name}: {m}")
 
 
-def test_env_var_reaches_the_kernels_and_auto_keeps_the_reference(monkeypatch):
+def test_env_var_and_auto_dispatch(monkeypatch):
     args = _inputs(1, 2, 4, 5, 6, 4)
     ref = aggregated_attention_reference(*args, (4, 5))
     calls = []
     module = importlib.import_module("ops.aggregated_attention")  # (``ops.aggregated_attention`` is the function)
     monkeypatch.setattr(module._AggregatedAttentionFn, "apply", lambda *a: calls.append(1) or ref)
-    aggregated_attention(*args, (4, 5))  # auto: the reference (on CUDA too, until the kernels are measured)
-    assert not calls
+    aggregated_attention(*args, (4, 5))  # auto: the kernels on CUDA, the reference on CPU
+    assert bool(calls) == args[0].is_cuda
+    calls.clear()
     monkeypatch.setenv("METAMIXER_OPS_IMPL", "triton")
     aggregated_attention(*args, (4, 5))
     assert calls

@@ -100,5 +100,5 @@ def test_custom_ops_fake_kernels_match(channels_last):
     w = torch.randn(16, 1, 7, 7, device=dev, requires_grad=True)
     g = torch.randn(2, 16, 9, 7, device=dev)  # NCHW grad for a channels-last x: the layout conversion path
     torch.library.opcheck(torch.ops.metamixer.dwconv2d, (x, w, None, 2))
-    torch.library.opcheck(torch.ops.metamixer.dwconv2d_backward, (g, x.detach(), w.detach(), 2, True, True),
+    torch.library.opcheck(torch.ops.metamixer.dwconv2d_backward, (g, x.detach(), w.detach(), 2, True, True, True),
                           test_utils=("test_schema", "test_faketensor"))
