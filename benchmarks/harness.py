@@ -19,8 +19,10 @@ def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float
 
 def graph_time_ms(fn: Callable[[], object]) -> Optional[float]:
     """Median milliseconds of ``fn()`` replayed from a CUDA graph: the GPU time without Python/launch overhead
-    (what a CPU-bound ``time_ms`` hides). None when ``fn`` cannot be captured."""
+    (what a CPU-bound ``time_ms`` hides). None when ``fn`` is None or cannot be captured."""
     from triton.testing import do_bench_cudagraph
+    if fn is None:
+        return None
     try:
         fn()  # allocate/compile outside the capture
         torch.cuda.synchronize()
