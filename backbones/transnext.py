@@ -164,18 +164,24 @@ class AggregatedAttention(_CosineAttentionBase):
         self.learnable_tokens = nn.Parameter(trunc_normal_(torch.empty(num_heads, self.head_dim, local_len), std=0.02))
         self.learnable_bias = nn.Parameter(torch.zeros(num_heads, 1, local_len))
 
-    def forward(self, x: torch.Tensor, size: Size, pool_size: Size, index: torch.Tensor,
-                table: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, size: Size, pool_size: Size):
+        """``(q, k, v, k_pool, v_pool)``, each ``(B, heads, tokens, head_dim)``: the local projections of ``x`` and
+        those of its pooled tokens (also used by OFQ's ``backbones.quant.attention.QuantAggregatedAttention``)."""
         B, N, C = x.shape
         nh, hd = self.num_heads, self.head_dim
         q = self.q(x).reshape(B, N, nh, hd).transpose(1, 2)
         k, v = self.kv(x).reshape(B, N, 2 * nh, hd).transpose(1, 2).chunk(2, dim=1)
-
         pooled = self.act(self.sr(x.transpose(1, 2).reshape(B, C, *size)))
         pooled = self.norm(F.adaptive_avg_pool2d(pooled, pool_size).flatten(2).transpose(1, 2))
         P = pooled.shape[1]
         k_pool, v_pool = self.kv(pooled).reshape(B, P, 2 * nh, hd).transpose(1, 2).chunk(2, dim=1)
+        return q, k, v, k_pool, v_pool
 
+    def forward(self, x: torch.Tensor, size: Size, pool_size: Size, index: torch.Tensor,
+                table: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v, k_pool, v_pool = self.project(x, size, pool_size)
+        P = k_pool.shape[2]
         x = aggregated_attention(
             q, k, v, k_pool, v_pool, self.temperature, self.query_embedding, self.relative_pos_bias_local,
             cpb_bias(self.cpb_fc1, self.cpb_fc2, index, table, N, P), self.learnable_tokens, self.learnable_bias,

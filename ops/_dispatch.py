@@ -1,9 +1,10 @@
 """Choosing between an op's plain-PyTorch reference and its Triton kernels.
 
 Every op in ``ops/`` takes ``impl=None|'auto'|'reference'|'triton'``. ``None`` reads the environment variable
-``METAMIXER_OPS_IMPL`` (default ``auto``; ``triton`` there takes the kernels wherever one exists for the arguments,
-while an explicit ``impl='triton'`` for arguments without a kernel is an error). ``auto`` takes Triton when the inputs are CUDA tensors, Triton is
-importable and the op has a kernel for the arguments; otherwise the reference. ``triton`` forces the kernels
+``METAMIXER_OPS_IMPL`` (default ``auto``; ``triton`` there takes the kernels wherever one exists for the
+arguments, while an explicit ``impl='triton'`` for arguments without a kernel is an error). ``auto`` takes Triton
+when the inputs are CUDA tensors, Triton is importable, the op has a kernel for the arguments and the op's
+benchmark measured it faster (``preferred``); otherwise the reference. ``triton`` forces the kernels
 (also on CPU tensors under ``TRITON_INTERPRET=1``, which is how the test-suite runs them without a GPU).
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ def resolve_impl(impl: Optional[str], x: torch.Tensor, supported: bool = True, p
     if choice == "reference":
         return "reference"
     if impl is None and choice == "triton" and not supported:
-        return "reference"  # the environment switches a whole model: ops without a kernel for these arguments keep theirs
+        return "reference"  # the environment switches a whole model: ops without a kernel here keep theirs
     kernel_ok = supported and triton_available() and (x.is_cuda or interpreting())
     if choice == "triton":
         if not supported:

@@ -44,7 +44,7 @@ with the backward registered (opaque, no graph break). Autocast casts q/k/v/k_po
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,7 @@ def aggregated_attention_reference(
         size: Tuple[int, int],
         window_size: int = 3,
         attn_drop: float = 0.0,
+        probs_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Aggregated attention, plain PyTorch (the definition; see the module docstring).
 
@@ -97,6 +98,8 @@ def aggregated_attention_reference(
         size: ``(H, W)`` of the query grid.
         window_size: ``K`` (odd).
         attn_drop: dropout probability on the softmax weights (pass 0 in eval).
+        probs_fn: applied to the softmax weights ``(B, h, N, K*K + P)`` before dropout (OFQ quantizes them:
+            ``backbones.quant.attention``).
 
     Returns:
         ``(B, h, N, d)``.
@@ -120,6 +123,8 @@ def aggregated_attention_reference(
     attn_pool = q_scaled @ F.normalize(k_pool, dim=-1).transpose(-1, -2) + pool_bias
 
     attn = torch.cat([attn_local, attn_pool], dim=-1).softmax(dim=-1)
+    if probs_fn is not None:
+        attn = probs_fn(attn)
     if attn_drop > 0:
         attn = F.dropout(attn, attn_drop)
     w_local, w_pool = attn.split([num_local, num_pool], dim=-1)

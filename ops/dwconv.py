@@ -241,7 +241,8 @@ if triton_available():
         return grad.contiguous(memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
 
     def _dwconv2d_bwd_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilation: int,
-                           need_x: bool, need_w: bool, need_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           need_x: bool, need_w: bool, need_b: bool
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(grad_x, grad_weight, grad_bias); a 1-element placeholder for each one not needed (size-0 tensors would
         share data pointer 0, which the custom op's no-aliasing check rejects)."""
         C, k = weight.shape[0], weight.shape[-1]
@@ -271,12 +272,15 @@ if triton_available():
         ctx.dilation = dilation
         ctx.has_bias = bias is not None
 
-    def _backward(ctx, grad):
+    def _grads(bwd, ctx, grad):
+        """(dx, dw, db, None) from ``bwd`` (the backward op or its eager implementation), None where not needed."""
         x, weight = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        gx, gw, gb = _dwconv2d_bwd_op(grad, x, weight, ctx.dilation, need_x, need_w, need_b)
-        return (gx if need_x else None), (gw if need_w else None), (gb if need_b else None), None
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        grads = bwd(grad, x, weight, ctx.dilation, *need)
+        return (*(g if n else None for g, n in zip(grads, need)), None)
+
+    def _backward(ctx, grad):
+        return _grads(_dwconv2d_bwd_op, ctx, grad)
 
     _dwconv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
@@ -290,8 +294,4 @@ if triton_available():
 
         @staticmethod
         def backward(ctx, grad):
-            x, weight = ctx.saved_tensors
-            need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            need_b = ctx.has_bias and ctx.needs_input_grad[2]
-            gx, gw, gb = _dwconv2d_bwd_impl(grad, x, weight, ctx.dilation, need_x, need_w, need_b)
-            return (gx if need_x else None), (gw if need_w else None), (gb if need_b else None), None
+            return _grads(_dwconv2d_bwd_impl, ctx, grad)

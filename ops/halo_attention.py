@@ -27,8 +27,8 @@ Triton path (``impl='triton'``, and ``auto`` on CUDA tensors; measured in
 ``benchmarks/bench_halo.py``): fp32/fp16/bf16 (fp32 accumulation, fp32 ``tl.dot`` in IEEE precision; under autocast
 all operands are cast to the autocast dtype, as the reference's matmuls would be), any input strides (the model's
 k/v are views into one conv output, channels-last under AMP), any head dims (padded to powers of two; q/k head
-<= 128, <= 32 in fp32), strided queries, blocks up to 8 x 8 and windows up to 16 x 16 (``block_size + 2*halo_size <= 16``: every
-HaloNet here but H5). Other arguments: the reference (``auto``), or an error (``impl='triton'``).
+<= 128, <= 32 in fp32), strided queries, blocks up to 8 x 8 and windows up to 16 x 16
+(``block_size + 2*halo_size <= 16``: every HaloNet here but H5). Other arguments: the reference (``auto``), or an error (``impl='triton'``).
 
 * One program per (batch*head, block, chunk of the block's queries; by default as many queries as keep the logits
   tile at 16K values in the forward, 8K in the backward, half that in fp32: e.g. 64 = H1's whole 8 x 8 block
@@ -51,14 +51,14 @@ HaloNet here but H5). Other arguments: the reference (``auto``), or an error (``
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ._dispatch import resolve_impl, triton_available
 
-__all__ = ["halo_attention", "halo_attention_reference"]
+__all__ = ["halo_attention", "halo_attention_explicit", "halo_attention_reference"]
 
 
 def _check_args(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_size, stride):
@@ -88,29 +88,42 @@ def halo_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """The definition (see the module docstring). Copies: the blocked q, the zero-padded k/v and their windows (the
     blocked matmuls need them), the logits and the output fold; nothing else."""
     _check_args(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_size, stride)
-    B, nh, dqk, H, W = k.shape
-    dv = v.shape[2]
+    scale = k.shape[2] ** -0.5 if scale is None else scale
+    return halo_attention_explicit(q, k, v, q, rel_pos_h, rel_pos_w, block_size, halo_size, stride, scale)
+
+
+def halo_attention_explicit(qc: torch.Tensor, kc: torch.Tensor, v: torch.Tensor, qr: torch.Tensor,
+                            rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, block_size: int, halo_size: int,
+                            stride: int, scale: float, probs_fn: Optional[Callable] = None) -> torch.Tensor:
+    """The reference's math, without its argument checks, with the content and relative-position queries apart
+    and a hook on the probabilities (OFQ's quantized HaloNet attention, ``backbones.quant.attention``): content
+    logits ``scale * <qc, kc>`` (``qc`` ``(B, h or 1, dc, H/s, W/s)``, ``kc`` ``(B, h, dc, H, W)``), relative
+    logits from ``qr`` ``(B, h, dqk, H/s, W/s)``; the reference passes ``qc = qr = q``, ``kc = k``."""
+    B, nh, dv, H, W = v.shape
+    if H % block_size or W % block_size:
+        raise ValueError(f"halo attention needs the feature map ({H}x{W}) divisible by block_size={block_size}")
     bq = block_size // stride
     win = block_size + 2 * halo_size
     nbh, nbw = H // block_size, W // block_size
-    scale = dqk ** -0.5 if scale is None else scale
 
-    # queries gathered into blocks once: (B, nh, nbh, nbw, bq, bq, dqk)
-    qb = q.unflatten(3, (nbh, bq)).unflatten(5, (nbw, bq)).permute(0, 1, 3, 5, 4, 6, 2).contiguous()
+    def blocks(t: torch.Tensor) -> torch.Tensor:  # queries gathered into blocks once: (B, h, nbh, nbw, bq, bq, d)
+        return t.unflatten(3, (nbh, bq)).unflatten(5, (nbw, bq)).permute(0, 1, 3, 5, 4, 6, 2).contiguous()
 
     def windows(t: torch.Tensor) -> torch.Tensor:
         # (B, nh, d, H, W) -> zero halo -> overlapping windows (B, nh, nbh, nbw, win*win, d)
         t = F.pad(t, [halo_size] * 4).unfold(3, win, block_size).unfold(4, win, block_size)
         return t.permute(0, 1, 3, 4, 5, 6, 2).flatten(4, 5)
 
-    kw, vw = windows(k), windows(v)
+    qb = blocks(qr)
+    qcb = qb if qc is qr else blocks(qc)
+    kw, vw = windows(kc), windows(v)
 
     # content logits (B, nh, nbh, nbw, bq*bq, win*win)
-    attn = torch.matmul(qb.flatten(4, 5), kw.transpose(-1, -2)).mul_(scale)
+    attn = torch.matmul(qcb.flatten(4, 5), kw.transpose(-1, -2)).mul_(scale)
 
     # relative logits: q against every relative offset (2*win - 1 of them), then for query row qy and key row ky
     # take offset ky - qy + win - 1 (columns likewise); the index is broadcast, not materialised
-    rel = torch.arange(win, device=q.device)[None, :] - torch.arange(bq, device=q.device)[:, None] + win - 1
+    rel = torch.arange(win, device=qr.device)[None, :] - torch.arange(bq, device=qr.device)[:, None] + win - 1
     logits_h = torch.matmul(qb, rel_pos_h.t())  # (..., qy, qx, 2*win - 1)
     logits_h = logits_h.gather(-1, rel[:, None, :].expand(*logits_h.shape[:-1], win))  # (..., qy, qx, ky)
     logits_w = torch.matmul(qb, rel_pos_w.t())
@@ -118,6 +131,8 @@ def halo_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     attn = attn.view(*attn.shape[:4], bq, bq, win, win)
     attn = attn.add_(logits_h.unsqueeze(-1)).add_(logits_w.unsqueeze(-2))
     attn = attn.flatten(-2).flatten(4, 5).softmax(dim=-1)
+    if probs_fn is not None:
+        attn = probs_fn(attn)
 
     out = torch.matmul(attn, vw)  # (B, nh, nbh, nbw, bq*bq, dv)
     # fold blocks back to NCHW: (B, nh, dv, nbh, bq, nbw, bq) -> (B, nh*dv, H/stride, W/stride)
@@ -151,7 +166,7 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    scale: Optional[float] = None, impl: Optional[str] = None) -> torch.Tensor:
     """Dispatcher: the reference, or the Triton kernels when forced (``impl='triton'`` / ``METAMIXER_OPS_IMPL``).
 
-    ``auto`` takes the kernels on CUDA (``benchmarks/bench_halo.py --model``, H100 bf16: halo_h1 trains 1.3x
+    ``auto`` takes the kernels on CUDA (``benchmarks/bench_models.py``, H100, bf16, batch 256: halo_h1 trains 2.2x
     faster than on the reference).
     """
     tensors = (q, k, v, rel_pos_h, rel_pos_w)
@@ -374,17 +389,18 @@ if triton_available():
                 prob = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
                 g_ptr = GO + b * sgb + h * sgh + (qrow * sgy + qcol * sgx)[:, None]
                 v_ptr = V + b * svb + h * svh + (yk * svy + xk * svx)[None, :]
-                dp = tl.zeros((BQP, KBP), dtype=tl.float32)
-                for c0 in range(0, DV, BDV):  # dp = dO v^T over all value channels
-                    c = c0 + tl.arange(0, BDV)
-                    cm = c < DV
-                    go = tl.load(g_ptr + (c * sgd)[None, :], mask=qmask[:, None] & cm[None, :], other=0.0).to(q.dtype)
-                    vt = tl.load(v_ptr + (c * svd)[:, None], mask=cm[:, None] & tmask[None, :], other=0.0)
-                    dp += tl.dot(go, vt, input_precision=PREC)
                 go = tl.load(g_ptr + (c_own * sgd)[None, :], mask=qmask[:, None] & c_own_m[None, :],
                              other=0.0).to(q.dtype)
                 dv_acc += tl.dot(tl.trans(prob.to(q.dtype)), go, input_precision=PREC)
-                if pid_c == 0:
+                if pid_c == 0:  # dK (only the first value chunk's program): dp = dO v^T over all value channels
+                    dp = tl.zeros((BQP, KBP), dtype=tl.float32)
+                    for c0 in range(0, DV, BDV):
+                        c = c0 + tl.arange(0, BDV)
+                        cm = c < DV
+                        go = tl.load(g_ptr + (c * sgd)[None, :], mask=qmask[:, None] & cm[None, :],
+                                     other=0.0).to(q.dtype)
+                        vt = tl.load(v_ptr + (c * svd)[:, None], mask=cm[:, None] & tmask[None, :], other=0.0)
+                        dp += tl.dot(go, vt, input_precision=PREC)
                     ds = (prob * (dp - delta[:, None])).to(q.dtype)
                     dk_acc += tl.dot(tl.trans(ds), q, input_precision=PREC)
         pos = (yk * W + xk)[:, None]
@@ -441,10 +457,10 @@ if triton_available():
         bdv = min(max(16, p2(dv_)), max(16, 8192 // kbp))  # the dV accumulator: <= 8K fp32 values per program
         kv_meta = dict(BS=block_size, BQ=meta["BQ"], HALO=halo_size, WIN=meta["WIN"], NR=-(-halo_size // block_size),
                        BQP=max(16, p2(meta["BQ"] ** 2)), KBP=kbp, RP=meta["RP"], DQP=meta["DQP"], BDV=bdv,
-                       PREC=meta["PREC"], num_warps=4 if kbp <= 64 else 8)
+                       PREC=meta["PREC"], num_warps=4)
         kv_grid = (grid[0], grid[1], triton.cdiv(dv_, bdv))
-        _halo_bwd_dkdv_kernel[kv_grid](q, k, v, rel_h, rel_w, lse, delta, go, dk, dv, nhh, H, W, HQ, WQ, H // block_size,
-                                       nbw, dqk, dv_, scale, *strides, **kv_meta)
+        _halo_bwd_dkdv_kernel[kv_grid](q, k, v, rel_h, rel_w, lse, delta, go, dk, dv, nhh, H, W, HQ, WQ,
+                                       H // block_size, nbw, dqk, dv_, scale, *strides, **kv_meta)
         return dq, dk, dv, drh, drw
 
     @torch.library.custom_op("metamixer::halo_attention_fwd", mutates_args=())

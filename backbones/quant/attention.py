@@ -41,11 +41,14 @@ get no gradient (official ``StatsQuantizer_specific_4_qkreparam_cga``).
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ops.aggregated_attention import aggregated_attention_reference
+from ops.halo_attention import halo_attention_explicit
 
 from .oscillation import cga_free_mask
 from .quantizers import LSQQuantizer, LearnableShift, StatsQ
@@ -209,38 +212,6 @@ class QuantChannelAttention(nn.Module):
 
 
 # ---- HaloNet -----------------------------------------------------------------------------------------------------
-def _halo_attention_explicit(qc: torch.Tensor, kc: torch.Tensor, v: torch.Tensor, qr: torch.Tensor,
-                             rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, block_size: int, halo_size: int,
-                             stride: int, scale: float, probs_fn: Callable) -> torch.Tensor:
-    """``ops.halo_attention_reference`` with a hook on the probabilities and the content and relative queries
-    separated: content logits ``scale * <qc, kc>`` (``qc`` ``(B, h or 1, dc, H/s, W/s)``, ``kc`` ``(B, h, dc, H, W)``),
-    relative logits from ``qr`` ``(B, h, dqk, H/s, W/s)``; plain attention: ``qc = qr = q``, ``kc = k``."""
-    B, nh, dv, H, W = v.shape
-    if H % block_size or W % block_size:
-        raise ValueError(f"halo attention needs the feature map ({H}x{W}) divisible by block_size={block_size}")
-    bq, win = block_size // stride, block_size + 2 * halo_size
-    nbh, nbw = H // block_size, W // block_size
-
-    def blocks(t):  # (B, h, d, H/s, W/s) -> (B, h, nbh, nbw, bq, bq, d)
-        return t.unflatten(3, (nbh, bq)).unflatten(5, (nbw, bq)).permute(0, 1, 3, 5, 4, 6, 2)
-
-    def windows(t):  # (B, h, d, H, W) -> zero halo -> (B, h, nbh, nbw, win*win, d)
-        t = F.pad(t, [halo_size] * 4).unfold(3, win, block_size).unfold(4, win, block_size)
-        return t.permute(0, 1, 3, 4, 5, 6, 2).flatten(4, 5)
-
-    attn = (blocks(qc).flatten(4, 5) @ windows(kc).transpose(-1, -2)) * scale  # (B, h, nbh, nbw, bq*bq, win*win)
-    qb = blocks(qr)
-    rel = torch.arange(win, device=qr.device)[None, :] - torch.arange(bq, device=qr.device)[:, None] + win - 1
-    lh = qb @ rel_pos_h.t()
-    lh = lh.gather(-1, rel[:, None, :].expand(*lh.shape[:-1], win))  # (..., qy, qx, ky)
-    lw = qb @ rel_pos_w.t()
-    lw = lw.gather(-1, rel[None, :, :].expand(*lw.shape[:-1], win))  # (..., qy, qx, kx)
-    attn = attn.view(*attn.shape[:4], bq, bq, win, win) + lh.unsqueeze(-1) + lw.unsqueeze(-2)
-    probs = probs_fn(attn.flatten(-2).flatten(4, 5).softmax(dim=-1))
-    out = (probs @ windows(v)).view(B, nh, nbh, nbw, bq, bq, dv).permute(0, 1, 6, 2, 4, 3, 5)
-    return out.reshape(B, nh * dv, nbh * bq, nbw * bq)
-
-
 def _shifted(abits: int, channels: int, steps: int, signed: Optional[bool] = True):
     """``(shift before, LSQ with ``steps`` steps along dim 1, shift after)`` over ``channels`` channels (dim 1)."""
     return LearnableShift(channels, 1), LSQQuantizer(abits, steps, 1, signed), LearnableShift(channels, 1)
@@ -303,8 +274,8 @@ class QuantHaloAttention(QKRAttention):
             qc = xq.unsqueeze(1)
             qr = self.qr_move_aft(self.qr_q(self.qr_move_b4(F.conv2d(xq, w["wq"][:, :, None, None]))))
             qr = qr.unflatten(1, (h, dqk))
-        out = _halo_attention_explicit(qc, kc, v, qr, self.rel_pos_h, self.rel_pos_w, self.block_size,
-                                       self.halo_size, s, scale, lambda p: _q(self.probs_q, p))
+        out = halo_attention_explicit(qc, kc, v, qr, self.rel_pos_h, self.rel_pos_w, self.block_size,
+                                      self.halo_size, s, scale, lambda p: _q(self.probs_q, p))
         return self.pool(out)
 
 
@@ -330,13 +301,6 @@ class QuantTransNeXtAttention(nn.Module):
         return self.proj_drop(self.proj((probs @ v).transpose(1, 2).reshape(B, N, C)))
 
 
-def _neighbours(x: torch.Tensor, size, window_size: int) -> torch.Tensor:
-    """``(B, h, N, d)`` tokens on an ``H x W`` grid -> ``(B, h, N, K*K, d)`` zero-padded window neighbours."""
-    B, nh, N, d = x.shape
-    x = F.unfold(x.transpose(-1, -2).reshape(B, nh * d, *size), window_size, padding=window_size // 2)
-    return x.reshape(B, nh, d, window_size ** 2, N).permute(0, 1, 4, 3, 2)
-
-
 class QuantAggregatedAttention(nn.Module):
     """TransNeXt's aggregated attention (``backbones.transnext.AggregatedAttention``,
     ``ops.aggregated_attention_reference`` math), explicit; the softmax weights (local + pooled) one step per head."""
@@ -347,32 +311,15 @@ class QuantAggregatedAttention(nn.Module):
         self.probs_q = _probs_quantizer(probs, abits, self.num_heads, 1)
 
     def forward(self, x: torch.Tensor, size, pool_size, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        from backbones.transnext import cpb_bias
+        from backbones.transnext import AggregatedAttention, cpb_bias
 
         B, N, C = x.shape
-        nh, hd, K = self.num_heads, self.head_dim, self.window_size
-        q = self.q(x).reshape(B, N, nh, hd).transpose(1, 2)
-        k, v = self.kv(x).reshape(B, N, 2 * nh, hd).transpose(1, 2).chunk(2, dim=1)
-        pooled = self.act(self.sr(x.transpose(1, 2).reshape(B, C, *size)))
-        pooled = self.norm(F.adaptive_avg_pool2d(pooled, pool_size).flatten(2).transpose(1, 2))
-        P = pooled.shape[1]
-        k_pool, v_pool = self.kv(pooled).reshape(B, P, 2 * nh, hd).transpose(1, 2).chunk(2, dim=1)
-        pool_bias = cpb_bias(self.cpb_fc1, self.cpb_fc2, index, table, N, P)
-
-        ones = torch.ones(1, 1, *size, device=x.device)
-        valid = F.unfold(ones, K, padding=K // 2)[0].transpose(0, 1) > 0  # (N, K*K) neighbour inside the grid
-        length_scale = torch.log(valid.sum(-1, keepdim=True).float() + P).to(q.dtype)
-        q_norm = F.normalize(q, dim=-1)
-        q_scaled = (q_norm + self.query_embedding) * F.softplus(self.temperature) * length_scale
-        k_local = _neighbours(F.normalize(k, dim=-1), size, K)
-        attn_local = (q_scaled.unsqueeze(-2) @ k_local.transpose(-1, -2)).squeeze(-2)
-        attn_local = (attn_local + self.relative_pos_bias_local.unsqueeze(1)).masked_fill(~valid, float("-inf"))
-        attn_pool = q_scaled @ F.normalize(k_pool, dim=-1).transpose(-1, -2) + pool_bias
-        probs = _q(self.probs_q, torch.cat([attn_local, attn_pool], dim=-1).softmax(dim=-1))
-        probs = _dropout(probs, self.attn_drop, self.training)
-        w_local, w_pool = probs.split([K * K, P], dim=-1)
-        w_local = w_local + q_norm @ self.learnable_tokens + self.learnable_bias
-        out = (w_local.unsqueeze(-2) @ _neighbours(v, size, K)).squeeze(-2) + w_pool @ v_pool
+        q, k, v, k_pool, v_pool = AggregatedAttention.project(self, x, size, pool_size)  # same submodules
+        out = aggregated_attention_reference(
+            q, k, v, k_pool, v_pool, self.temperature, self.query_embedding, self.relative_pos_bias_local,
+            cpb_bias(self.cpb_fc1, self.cpb_fc2, index, table, N, k_pool.shape[2]), self.learnable_tokens,
+            self.learnable_bias, size, self.window_size, self.attn_drop if self.training else 0.0,
+            probs_fn=lambda p: _q(self.probs_q, p))
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 
 
