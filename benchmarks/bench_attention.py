@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import copy_bandwidth_gbs, device_name, print_table, time_ms, try_time_ms  # noqa: E402
+from harness import copy_bandwidth_gbs, device_name, graph_time_ms, print_table, time_ms, try_time_ms  # noqa: E402
 
 from ops.channel_attention import channel_attention, channel_attention_reference  # noqa: E402
 from ops.na2d import na2d_av, na2d_av_reference, na2d_qk, na2d_qk_reference, window_start  # noqa: E402
@@ -57,15 +57,18 @@ def _row(label, ours, ref, comp, inputs, out_bytes, bw, fb_inputs):
     tb = _us(time_ms(_fwd_bwd(ours, fb_inputs, g)))
     tbr = _us(time_ms(_fwd_bwd(ref, fb_inputs, g)))
     tbc = _us(try_time_ms(_fwd_bwd(comp, fb_inputs, g))) if comp else None
+    # GPU time without host overhead (CUDA-graph replays; the wall f+b is host-bound at small shapes)
+    tg, tgr = (_us(graph_time_ms(_fwd_bwd(f, fb_inputs, g))) for f in (ours, ref))
     gbs = (sum(x.numel() * x.element_size() for x in inputs if torch.is_tensor(x)) + out_bytes) / (t * 1e-6) / 1e9
     return {"shape": label, "fwd us": t, "ref fwd": tr, "x ref": tr / t, "GB/s": gbs, "% copy bw": 100 * gbs / bw,
             "f+b us": tb, "ref f+b": tbr, "compile f+b": tbc, "x ref f+b": tbr / tb,
-            "x compile f+b": tbc / tb if tbc else None,
+            "x compile f+b": tbc / tb if tbc else None, "graph f+b us": tg, "ref graph f+b": tgr,
+            "x ref graph f+b": tgr / tg if tg and tgr else None,
             "rel err": _rel_err(ours(*inputs), ref(*inputs))}
 
 
 COLS = ["shape", "fwd us", "ref fwd", "x ref", "GB/s", "% copy bw", "f+b us", "ref f+b",
-        "compile f+b", "x ref f+b", "x compile f+b", "rel err"]
+        "compile f+b", "x ref f+b", "x compile f+b", "graph f+b us", "ref graph f+b", "x ref graph f+b", "rel err"]
 
 
 def bench_na2d(bw, compile_ok):

@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import copy_bandwidth_gbs, device_name, print_table, time_ms, try_time_ms  # noqa: E402
+from harness import copy_bandwidth_gbs, device_name, graph_time_ms, print_table, time_ms, try_time_ms  # noqa: E402
 
 from ops.lif import lif_multistep, lif_multistep_reference  # noqa: E402
 from ops.spiking_attention import spiking_attention, spiking_attention_reference  # noqa: E402
@@ -63,8 +63,27 @@ def _bwd_timer(fn, x):
     return lambda: torch.autograd.grad(out, xs, g, retain_graph=True)
 
 
+def _fb(fn, x):
+    """forward with autograd + backward, the way a training step runs it (capturable: the forward runs on the
+    capturing stream, so the backward follows it there)."""
+    xs = x.detach().clone().requires_grad_()
+    g = torch.randn_like(x)
+    return lambda: torch.autograd.grad(fn(xs), xs, g)
+
+
+def _fz(fn, x):
+    xs = x.detach().clone().requires_grad_()
+    return lambda: fn(xs)
+
+
 def _us(v):
     return None if v is None else v * 1e3
+
+
+def _gpu_bwd(fn, x):
+    """GPU-only backward time (ms): CUDA-graph time of forward+backward minus that of the autograd forward."""
+    fb, fz = graph_time_ms(_fb(fn, x)), graph_time_ms(_fz(fn, x))
+    return (None, None) if fb is None or fz is None else (fb, fb - fz)
 
 
 def bench_lif(label, shape, dtype, bw, compiled, sj_node):
@@ -99,6 +118,9 @@ def bench_lif(label, shape, dtype, bw, compiled, sj_node):
     t_b_ref = time_ms(_bwd_timer(ref, x), **rep)
     t_b_comp = try_time_ms(_bwd_timer(compiled, x), **rep) if compiled else None
     t_b_sj = try_time_ms(_bwd_timer(sj, x), **rep) if use_sj else None
+    # the same without host overhead: CUDA-graph replays (the autograd calls above are host-bound at small sizes)
+    g_fb, g_b = _gpu_bwd(ours, x)
+    g_fb_comp, g_b_comp = _gpu_bwd(compiled, x) if compiled else (None, None)
     es = x.element_size()
     zs = 2 if dtype == torch.bfloat16 else 4
     fwd_gbs = n_el * 2 * es / (t_f * 1e-3) / 1e9
@@ -113,6 +135,11 @@ def bench_lif(label, shape, dtype, bw, compiled, sj_node):
         "bwd us": _us(t_b), "eager bwd": _us(t_b_ref), "compile bwd": _us(t_b_comp), "cupy bwd": _us(t_b_sj),
         "bwd/copy": t_b / t_copy, "x compile bwd": (t_b_comp / t_b) if t_b_comp else None,
         "x cupy bwd": (t_b_sj / t_b) if t_b_sj else None,
+        "graph f+b us": _us(g_fb), "graph compile f+b": _us(g_fb_comp),
+        "x compile f+b (graph)": (g_fb_comp / g_fb) if g_fb and g_fb_comp else None,
+        "graph bwd us": _us(g_b), "graph compile bwd": _us(g_b_comp),
+        "graph bwd/copy": g_b / t_copy if g_b else None,
+        "x compile bwd (graph)": (g_b_comp / g_b) if g_b and g_b_comp else None,
         "fwd % bw": 100 * fwd_gbs / bw, "bwd % bw": 100 * bwd_gbs / bw, "spike mismatches": mismatch,
     }
 
@@ -167,7 +194,8 @@ def main():
     cols = ["shape (T=4)", "dtype", "copy us", "fwd us", "eager fwd", "compile fwd", "cupy fwd", "fwd/copy",
             "fwd+z us", "fwd+z/copy",
             "x compile fwd", "x cupy fwd", "bwd us", "eager bwd", "compile bwd", "cupy bwd", "bwd/copy",
-            "x compile bwd", "x cupy bwd", "fwd % bw", "bwd % bw", "spike mismatches"]
+            "x compile bwd", "x cupy bwd", "graph f+b us", "graph compile f+b", "x compile f+b (graph)",
+            "graph bwd us", "graph compile bwd", "graph bwd/copy", "x compile bwd (graph)", "fwd % bw", "bwd % bw", "spike mismatches"]
     shapes = SHAPES[:1] if args.quick else SHAPES
     for dtype in (torch.float32, torch.bfloat16):
         rows = [bench_lif(label, shape, dtype, bw, compiled if i == 0 else None, sj_node)

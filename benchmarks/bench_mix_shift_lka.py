@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import copy_bandwidth_gbs, device_name, print_table, time_ms, try_time_ms  # noqa: E402
+from harness import copy_bandwidth_gbs, device_name, graph_time_ms, print_table, time_ms, try_time_ms  # noqa: E402
 
 from ops.dwconv import dwconv2d  # noqa: E402
 from ops.lka import lka, lka_reference  # noqa: E402
@@ -40,7 +40,8 @@ LKA_SHAPES = [
     ("B64 C64 56x56", 64, 64, 56, 56),
 ]
 COLS = ["shape", "dtype", "layout", "fwd us", "ref fwd", "compile fwd", "x ref", "x compile", "GB/s", "% copy bw",
-        "fwd+bwd us", "ref f+b", "compile f+b", "x ref f+b", "x compile f+b", "rel err"]
+        "fwd+bwd us", "ref f+b", "compile f+b", "x ref f+b", "x compile f+b", "graph f+b us", "ref graph f+b",
+        "x ref graph f+b", "rel err"]
 
 
 def _us(ms):
@@ -69,8 +70,10 @@ def _row(label, x, ours, ref, comp, args, bw_gbs, extra=None):
     t_comp = _us(try_time_ms(lambda: comp(*args))) if comp else None
     tb, tb_ref = _us(time_ms(_fwd_bwd(ours, args))), _us(time_ms(_fwd_bwd(ref, args)))
     tb_comp = _us(try_time_ms(_fwd_bwd(comp, args))) if comp else None
+    # GPU time without host overhead (CUDA-graph replays): the wall f+b above is host-bound at small shapes
+    tg, tg_ref = _us(graph_time_ms(_fwd_bwd(ours, args))), _us(graph_time_ms(_fwd_bwd(ref, args)))
     gbs = 2 * x.numel() * x.element_size() / (t * 1e-6) / 1e9
-    row = {"shape": label, "dtype": str(x.dtype).split(".")[-1],
+    row = {"graph f+b us": tg, "ref graph f+b": tg_ref, "x ref graph f+b": _ratio(tg_ref, tg), "shape": label, "dtype": str(x.dtype).split(".")[-1],
            "layout": "NHWC" if x.is_contiguous(memory_format=torch.channels_last) else "NCHW",
            "fwd us": t, "ref fwd": t_ref, "compile fwd": t_comp, "x ref": t_ref / t, "x compile": _ratio(t_comp, t),
            "GB/s": gbs, "% copy bw": 100 * gbs / bw_gbs, "fwd+bwd us": tb, "ref f+b": tb_ref, "compile f+b": tb_comp,

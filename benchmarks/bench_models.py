@@ -20,7 +20,7 @@ import timm  # noqa: E402
 import backbones  # noqa: E402,F401
 
 
-def throughput(name: str, batch: int, size: int, impl: str):
+def throughput(name: str, batch: int, size: int, impl: str, profile: bool = False):
     os.environ["METAMIXER_OPS_IMPL"] = impl
     model = timm.create_model(name.removeprefix("timm:"), num_classes=1000).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
@@ -44,6 +44,14 @@ def throughput(name: str, batch: int, size: int, impl: str):
     t_inf = time_ms(infer, warmup=10, rep=50)
     model.train()
     t_train = time_ms(train, warmup=5, rep=30)
+    if profile:  # where a training step's GPU time goes, by kernel
+        from torch.profiler import ProfilerActivity
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for _ in range(3):
+                train()
+            torch.cuda.synchronize()
+        print(f"\n{name} ({impl}), 3 training steps:")
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
     del model, opt
     torch.cuda.empty_cache()
     return batch / t_inf * 1e3, batch / t_train * 1e3
@@ -64,6 +72,7 @@ def main():
                     "pretrained_cfg input size (e.g. HaloNet at 256)")
     ap.add_argument("--impl", choices=["auto", "triton"], default="auto",
                     help="the 'triton' columns: auto (the dispatchers' choice) or every op with a kernel forced")
+    ap.add_argument("--profile", action="store_true", help="print the kernels of the Triton path's training step")
     args = ap.parse_args()
     print(f"ops path '{args.impl}' vs 'reference'")
     print(f"device: {device_name()}; batch {args.batch}, {args.size}x{args.size}, bf16 autocast, channels-last")
@@ -76,7 +85,7 @@ def main():
                 row = {"model": name, "size": size, "infer img/s": inf, "train img/s": tr}
             else:
                 ref_inf, ref_tr = throughput(name, args.batch, size, "reference")
-                tri_inf, tri_tr = throughput(name, args.batch, size, args.impl)
+                tri_inf, tri_tr = throughput(name, args.batch, size, args.impl, args.profile)
                 row = {"model": name, "size": size, "ref infer img/s": ref_inf, "triton infer img/s": tri_inf,
                        "x infer": tri_inf / ref_inf, "ref train img/s": ref_tr, "triton train img/s": tri_tr,
                        "x train": tri_tr / ref_tr}
