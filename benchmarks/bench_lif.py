@@ -10,6 +10,9 @@ kernels (target >= 1.5; fp32 only, CuPy's kernels take fp32/fp16), achieved GB/s
 written; backward: grad and z read + grad written) as % of the copy bandwidth measured in the same run, and the
 number of spikes that differ from the reference (fp32: the reference itself; bf16: the reference on the fp32-upcast
 input, which is what the kernel computes). torch.compile is timed on the issue's shape only (each shape recompiles).
+"graph" columns are GPU time from CUDA-graph replays (no host overhead): forward+backward captured together, and the
+backward as that minus the captured autograd forward (a backward captured alone would run on its forward's stream,
+outside the capture).
 Attention table: Spikformer's SSA core ``LIF((q @ (k^T @ v)) * scale)`` plus folding heads back into channels, as the
 model runs it: the fused Triton kernel vs matmuls + the Triton LIF vs the eager reference.
 """
