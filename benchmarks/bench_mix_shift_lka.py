@@ -73,11 +73,12 @@ def _row(label, x, ours, ref, comp, args, bw_gbs, extra=None):
     # GPU time without host overhead (CUDA-graph replays): the wall f+b above is host-bound at small shapes
     tg, tg_ref = _us(graph_time_ms(_fwd_bwd(ours, args))), _us(graph_time_ms(_fwd_bwd(ref, args)))
     gbs = 2 * x.numel() * x.element_size() / (t * 1e-6) / 1e9
-    row = {"graph f+b us": tg, "ref graph f+b": tg_ref, "x ref graph f+b": _ratio(tg_ref, tg), "shape": label, "dtype": str(x.dtype).split(".")[-1],
+    row = {"shape": label, "dtype": str(x.dtype).split(".")[-1],
            "layout": "NHWC" if x.is_contiguous(memory_format=torch.channels_last) else "NCHW",
            "fwd us": t, "ref fwd": t_ref, "compile fwd": t_comp, "x ref": t_ref / t, "x compile": _ratio(t_comp, t),
            "GB/s": gbs, "% copy bw": 100 * gbs / bw_gbs, "fwd+bwd us": tb, "ref f+b": tb_ref, "compile f+b": tb_comp,
-           "x ref f+b": tb_ref / tb, "x compile f+b": _ratio(tb_comp, tb), "rel err": f"{err:.1e}"}
+           "x ref f+b": tb_ref / tb, "x compile f+b": _ratio(tb_comp, tb), "graph f+b us": tg, "ref graph f+b": tg_ref,
+           "x ref graph f+b": _ratio(tg_ref, tg), "rel err": f"{err:.1e}"}
     if extra:
         for name, fn in extra.items():
             row[name + " fwd"] = _us(time_ms(lambda: fn(*args)))
