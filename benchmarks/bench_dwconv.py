@@ -33,20 +33,24 @@ MODEL_SHAPES = [
     ("van_b0 s0 mlp 3x3", 64, 256, 56, 56, 3, 1),
     ("van_b0 s2 mlp 3x3", 64, 1280, 14, 14, 3, 1),
     ("B64 C64 56 7x7 d3", 64, 64, 56, 56, 7, 3),
+    # ffnet_t's stage transitions: stride 2, channel multiplier 2 (C -> 2C), a 7x7 and a 3x3 branch
+    ("ffnet_t down1 7x7 s2 x2", 64, 80, 56, 56, 7, 1, 2, 2),
+    ("ffnet_t down1 3x3 s2 x2", 64, 80, 56, 56, 3, 1, 2, 2),
+    ("ffnet_t down3 7x7 s2 x2", 64, 320, 14, 14, 7, 1, 2, 2),
 ]
 SWEEP = [("B64 C64 56 k%d" % k, 64, 64, 56, 56, k, 1) for k in (3, 5, 7, 9, 13, 17, 21, 25, 31)]
 
 
-def bench(label, B, C, H, W, k, dil, dtype, cl, bw_gbs, compiled):
+def bench(label, B, C, H, W, k, dil, dtype, cl, bw_gbs, compiled, stride=1, mult=1):
     x = torch.randn(B, C, H, W, device="cuda", dtype=dtype)
     if cl:
         x = x.to(memory_format=torch.channels_last)
-    w = torch.randn(C, 1, k, k, device="cuda", dtype=dtype)
-    b = torch.randn(C, device="cuda", dtype=dtype)
-    pad = dil * (k - 1) // 2
-    ours = lambda: dwconv2d(x, w, b, 1, pad, dil, impl="triton")  # noqa: E731
-    ref = lambda: dwconv2d_reference(x, w, b, 1, pad, dil)  # noqa: E731
-    comp = lambda: compiled(x, w, b, 1, pad, dil)  # noqa: E731
+    w = torch.randn(C * mult, 1, k, k, device="cuda", dtype=dtype)
+    b = torch.randn(C * mult, device="cuda", dtype=dtype)
+    pad, s = dil * (k - 1) // 2, stride
+    ours = lambda: dwconv2d(x, w, b, s, pad, dil, impl="triton")  # noqa: E731
+    ref = lambda: dwconv2d_reference(x, w, b, s, pad, dil)  # noqa: E731
+    comp = lambda: compiled(x, w, b, s, pad, dil)  # noqa: E731
     err = ((ours().float() - ref().float()).norm() / ref().float().norm()).item()
     t_ours, t_ref = time_ms(ours) * 1e3, time_ms(ref) * 1e3
     t_comp = try_time_ms(comp) if compiled else None
@@ -56,7 +60,7 @@ def bench(label, B, C, H, W, k, dil, dtype, cl, bw_gbs, compiled):
 
     def fb(fn):
         def run():
-            out = fn(xs, ws, bs, 1, pad, dil)
+            out = fn(xs, ws, bs, s, pad, dil)
             torch.autograd.grad(out, (xs, ws, bs), g)
         return run
 
@@ -94,7 +98,7 @@ def main():
     configs = [(torch.bfloat16, True)] if args.quick else [(torch.bfloat16, True), (torch.bfloat16, False),
                                                            (torch.float32, True)]
     for dtype, cl in configs:
-        rows = [bench(*s, dtype, cl, bw, compiled) for s in MODEL_SHAPES + ([] if args.no_sweep else SWEEP)]
+        rows = [bench(*s[:7], dtype, cl, bw, compiled, *s[7:]) for s in MODEL_SHAPES + ([] if args.no_sweep else SWEEP)]
         print_table(rows, cols, f"dwconv2d, {str(dtype).split('.')[-1]}, {'channels-last' if cl else 'NCHW'}")
 
 

@@ -73,9 +73,13 @@ def main():
     ap.add_argument("--impl", choices=["auto", "triton"], default="auto",
                     help="the 'triton' columns: auto (the dispatchers' choice) or every op with a kernel forced")
     ap.add_argument("--profile", action="store_true", help="print the kernels of the Triton path's training step")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="let cuDNN time its algorithms (conf/trainer/gpu.yaml's benchmark: true), both paths")
     args = ap.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     print(f"ops path '{args.impl}' vs 'reference'")
-    print(f"device: {device_name()}; batch {args.batch}, {args.size}x{args.size}, bf16 autocast, channels-last")
+    print(f"device: {device_name()}; batch {args.batch}, {args.size}x{args.size}, bf16 autocast, channels-last, "
+          f"cudnn.benchmark={args.cudnn_benchmark}")
     rows = []
     for name in args.models:
         size = _size(name, args.size)

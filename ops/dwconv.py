@@ -21,6 +21,8 @@ with its backward registered (an opaque op, no graph break). Autocast casts inpu
 """
 from __future__ import annotations
 
+import functools
+import linecache
 from typing import Optional, Tuple, Union
 
 import torch
@@ -40,27 +42,54 @@ def _pair(v: _Pair) -> Tuple[int, int]:
 
 def dwconv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                        stride: _Pair = 1, padding: _Pair = 0, dilation: _Pair = 1) -> torch.Tensor:
-    """Depthwise conv: ``weight`` is ``(C, 1, kh, kw)``, each channel convolved with its own kernel."""
-    if weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
-        raise ValueError(f"depthwise weight must be (C, 1, kh, kw) with C={x.shape[1]}, got {tuple(weight.shape)}")
+    """Depthwise conv: ``weight`` is ``(m*C, 1, kh, kw)``, each channel convolved with its own m kernels (m: the
+    channel multiplier, usually 1)."""
+    if weight.shape[1] != 1 or weight.shape[0] % x.shape[1]:
+        raise ValueError(f"depthwise weight must be (m*C, 1, kh, kw) with C={x.shape[1]}, got {tuple(weight.shape)}")
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups=x.shape[1])
 
 
 def _triton_supported(x: torch.Tensor, weight: torch.Tensor, stride: _Pair, padding: _Pair, dilation: _Pair) -> bool:
     k, kw = weight.shape[-2:]
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    return (x.ndim == 4 and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and weight.shape[0] == x.shape[1] and weight.shape[1] == 1 and k == kw and k % 2 == 1
-            and sh == sw == 1 and dh == dw and ph == pw == dh * (k - 1) // 2)
+    return (x.ndim == 4 and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and weight.shape[1] == 1
+            and weight.shape[0] % x.shape[1] == 0 and k == kw and k % 2 == 1 and sh == sw and dh == dw
+            and ph == pw == dh * (k - 1) // 2)
+
+
+def _strided_or_multiplied(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
+                           padding: int, dilation: int) -> torch.Tensor:
+    """A stride-s conv with channel multiplier m on the stride-1 Triton kernels: input channels repeated m times
+    (channel c feeds outputs m*c .. m*c+m-1, as groups=C orders them), the 'same' conv, every s-th row and column
+    (with 'same' padding, output (i, j) of the strided conv is output (s*i, s*j) of the stride-1 one). Costs s*s
+    times the work of a direct strided kernel, and still measured far faster than cuDNN's channels-last
+    strided/multiplier depthwise convs (benchmarks/bench_dwconv.py)."""
+    m = weight.shape[0] // x.shape[1]
+    if m > 1:  # (B, C, H, W) -> (B, m*C, H, W), each channel m times in a row, in x's memory format
+        B, C, H, W = x.shape
+        if x.stride(1) == 1 and C > 1:
+            x = x.permute(0, 2, 3, 1).unsqueeze(-1).expand(B, H, W, C, m).reshape(B, H, W, C * m).permute(0, 3, 1, 2)
+        else:
+            x = x.unsqueeze(2).expand(B, C, m, H, W).reshape(B, C * m, H, W)
+    y = dwconv2d(x, weight, bias, 1, padding, dilation, impl="triton")
+    if stride > 1:
+        fmt = torch.channels_last if y.stride(1) == 1 and y.shape[1] > 1 else torch.contiguous_format
+        y = y[:, :, ::stride, ::stride].contiguous(memory_format=fmt)
+    return y
 
 
 def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
              stride: _Pair = 1, padding: _Pair = 0, dilation: _Pair = 1, impl: Optional[str] = None) -> torch.Tensor:
-    """Dispatcher: the Triton kernels on CUDA for stride-1 'same' convs (see module doc), else the reference."""
+    """Dispatcher: the Triton kernels on CUDA for 'same' convs (see module doc), else the reference."""
     supported = _triton_supported(x, weight, stride, padding, dilation)
-    # auto: Triton where benchmarks/bench_dwconv.py measured it faster than cuDNN (dilated or k >= 9, H100)
-    preferred = _pair(dilation)[0] > 1 or weight.shape[-1] >= 9
+    s, m = _pair(stride)[0], weight.shape[0] // max(1, x.shape[1])
+    # auto: Triton where benchmarks/bench_dwconv.py measured it faster than cuDNN (H100, bf16): dilated or >= 9x9
+    # kernels; strided or channel-multiplier convs on channels-last inputs
+    preferred = _pair(dilation)[0] > 1 or weight.shape[-1] >= 9 or ((s > 1 or m > 1) and x.stride(1) == 1)
     if resolve_impl(impl, x, supported, preferred) == "reference":
         return dwconv2d_reference(x, weight, bias, stride, padding, dilation)
+    if s > 1 or m > 1:
+        return _strided_or_multiplied(x, weight, bias, s, padding, dilation)
     if torch.is_autocast_enabled(x.device.type):  # match F.conv2d's autocast behaviour
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
@@ -84,8 +113,9 @@ class DWConv2d(nn.Conv2d):
         super().__init__(dim, out_dim or dim, kernel_size, stride, padding, dilation, groups=dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.out_channels != self.in_channels:  # channel-multiplier depthwise: not the op's contract
-            return super().forward(x)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:  # m*C weights would also fit a C*m/k-channel input
+            raise ValueError(f"{type(self).__name__}: expected (B, {self.in_channels}, H, W) input, got "
+                             f"{tuple(x.shape)}")
         return dwconv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
 
@@ -174,6 +204,87 @@ if triton_available():
         out = GW + pid_r.to(tl.int64) * (KK1 * C) + oc[None, :] * KK1 + t[:, None]
         tl.store(out, acc, mask=(t < KK1)[:, None] & cmask[None, :])
 
+    # ---- row-segment forward (channels-last, kernels up to 9x9) -----------------------------------------------
+    _SEG_SRC = '''
+def dwconv_seg_kernel(X, Wf, Bias, Y, C, H, W, NG, sxb, sxh, sxw, syb, syh, syw,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    pid_m, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = m // NG
+    cg = m % NG
+    base = (cg // {dil}) * {seg_span} + cg % {dil}
+    oc = tl.max_contiguous(pid_c * BLOCK_C + tl.arange(0, BLOCK_C), VEC)  # VEC channels per thread
+    cmask = oc < C  # all true (BLOCK_C divides C): the masks' shape
+    xb = X + pid_b.to(tl.int64) * sxb + oc[None, :]
+    wb = Wf + oc[None, :]
+{body}
+'''
+
+    def _seg_source(k: int, dil: int, seg: int, flip: bool) -> str:
+        """Source of the row-segment forward kernel for a k x k conv with dilation ``dil``.
+
+        Each thread owns ``seg`` output pixels of one row, ``dil`` columns apart (pixels ``base + dil * p``), and a
+        vector of channels: for each kernel row it loads the ``seg + k - 1`` input vectors those pixels need once,
+        converts them once and feeds each into up to k accumulators, with the row's k weight vectors (fp32) loaded
+        once and used ``seg`` times. Tensor dimension 0 enumerates (output row, pixel group); one name per pixel
+        and per input column, hence generated source. Weights come as fp32 (k*k, C); ``flip`` reads them rotated by
+        180 degrees (the input gradient)."""
+        hk, lines = (k - 1) // 2, []
+        add = lines.append
+        nq = seg + k - 1
+        for q in range(nq):
+            add(f"    col{q} = base + {dil * (q - hk)}")
+            add(f"    xo{q} = (col{q} * sxw)[:, None]")
+            add(f"    cm{q} = ((col{q} >= 0) & (col{q} < W))[:, None] & cmask[None, :]")
+        for p in range(seg):
+            add(f"    acc{p} = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)")
+        add(f"    for kh in range({k}):")
+        add(f"        r = o + (kh * {dil} - {hk * dil})")
+        add("        rv = ((r >= 0) & (r < H))[:, None]")
+        add("        xr = xb + (r * sxh)[:, None]")
+        add(f"        wr = wb + ({k - 1} - kh) * {k} * C" if flip else f"        wr = wb + kh * {k} * C")
+        for j in range(k):
+            add(f"        w{j} = tl.load(wr + {k - 1 - j if flip else j} * C)")
+        for q in range(nq):
+            add(f"        xv = tl.load(xr + xo{q}, mask=rv & cm{q}, other=0.0).to(tl.float32)")
+            for p in range(max(0, q - k + 1), min(seg - 1, q) + 1):
+                add(f"        acc{p} += xv * w{q - p}")
+        add("    if HAS_BIAS:")
+        add("        bias = tl.load(Bias + oc, mask=cmask, other=0.0).to(tl.float32)[None, :]")
+        add("    else:")
+        add("        bias = tl.zeros((1, BLOCK_C), dtype=tl.float32)")
+        add("    yb = Y + pid_b.to(tl.int64) * syb + oc[None, :] + (o * syh)[:, None]")
+        add("    ov = (o < H)[:, None] & cmask[None, :]")
+        for p in range(seg):
+            add(f"    tl.store(yb + (col{p + hk} * syw)[:, None], (acc{p} + bias).to(Y.dtype.element_ty), "
+                f"mask=ov & cm{p + hk})")
+        return _SEG_SRC.format(body="\n".join(lines), dil=dil, seg_span=seg * dil)
+
+    @functools.lru_cache(maxsize=None)
+    def _seg_kernel(k: int, dil: int, seg: int, flip: bool):
+        """The JIT kernel compiled from ``_seg_source`` (registered with linecache so Triton can read it)."""
+        src = _seg_source(k, dil, seg, flip)
+        name = f"<metamixer dwconv seg k{k} d{dil} s{seg} f{int(flip)}>"
+        linecache.cache[name] = (len(src), None, src.splitlines(True), name)
+        scope = {"tl": tl}
+        exec(compile(src, name, "exec"), scope)
+        return triton.jit(scope["dwconv_seg_kernel"])
+
+    def _launch_seg(x, w, b, dil, flip, cfg):
+        B, C, H, W = x.shape
+        k = w.shape[-1]
+        seg, bc, nw, vec = cfg
+        bm = 32 * nw * vec // bc  # the layout's rows: bc // vec threads along channels, the rest along pixel groups
+        y = torch.empty_like(x)
+        wf = torch.empty(k * k, C, device=x.device, dtype=torch.float32).copy_(w.reshape(C, k * k).t())
+        ng = dil * triton.cdiv(triton.cdiv(W, dil), seg)  # pixel groups per row
+        grid = (triton.cdiv(H * ng, bm), triton.cdiv(C, bc), B)
+        _seg_kernel(k, dil, seg, flip)[grid](x, wf, b if b is not None else wf, y, C, H, W, ng,
+                                             x.stride(0), x.stride(2), x.stride(3), y.stride(0), y.stride(2),
+                                             y.stride(3), HAS_BIAS=b is not None, BLOCK_M=bm, BLOCK_C=bc, VEC=vec,
+                                             num_warps=nw)
+        return y
+
     def _blocks(x: torch.Tensor, k: int) -> Tuple[int, int, int]:
         """Forward tile (BLOCK_H, BLOCK_W, BLOCK_C): channels-last vectorises over C, NCHW over W.
 
@@ -191,10 +302,108 @@ if triton_available():
             bh = max(1, 1024 // (bc * bw))
         return min(bh, triton.next_power_of_2(H)), min(bw, triton.next_power_of_2(W)), bc
 
-    def _launch_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], dil: int,
-                    flip: bool = False) -> torch.Tensor:
+    _SEGW_SRC = '''
+def dwconv_segw_kernel(X, GY, Part, C, H, W, NG, M, ITERS, sxb, sxh, sxw, sgb, sgh, sgw,
+                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    pid_r, pid_c, kh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    oc = tl.max_contiguous(pid_c * BLOCK_C + tl.arange(0, BLOCK_C), VEC)
+    cm = (oc < C)[None, :]  # all true (BLOCK_C divides C): the masks' shape
+    xc = X + oc[None, :]
+    gc = GY + oc[None, :]
+{body}
+'''
+
+    def _segw_source(k: int, dil: int, seg: int) -> str:
+        """Source of the row-segment weight-gradient kernel: ``dW[kh, kw] = sum grad(o, w) * x(o + kh, w + kw)``
+        (offsets times the dilation, minus the padding). A program owns one kernel row ``kh`` (grid axis 2) and a run
+        of ``ITERS`` blocks of (image, output row, pixel group) rows, as in the forward: per block it loads the
+        ``seg`` grad vectors of its pixels and the ``seg + k - 1`` input vectors they meet once and adds their
+        products into k accumulators (one per kw); the block rows are summed at the end, one partial per run."""
+        hk, lines = (k - 1) // 2, []
+        add = lines.append
+        for j in range(k):
+            add(f"    acc{j} = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)")
+        add("    for it in range(ITERS):")
+        add("        m = (pid_r * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)")
+        add("        mv = m < M")
+        add("        b = (m // (H * NG)).to(tl.int64)")
+        add("        o = (m // NG) % H")
+        add("        cg = m % NG")
+        add(f"        base = (cg // {dil}) * {seg * dil} + cg % {dil}")
+        add(f"        r = o + (kh * {dil} - {hk * dil})")
+        add("        rv = (mv & (r >= 0) & (r < H))[:, None] & cm")
+        add("        xr = xc + (b * sxb + r * sxh)[:, None]")
+        add("        gr = gc + (b * sgb + o * sgh)[:, None]")
+        for p in range(seg):
+            add(f"        col = base + {dil * p}")
+            add(f"        g{p} = tl.load(gr + (col * sgw)[:, None], mask=(mv & (col < W))[:, None] & cm, other=0.0)"
+                ".to(tl.float32)")
+        for q in range(seg + k - 1):
+            add(f"        col = base + {dil * (q - hk)}")
+            add("        xv = tl.load(xr + (col * sxw)[:, None], mask=rv & ((col >= 0) & (col < W))[:, None], "
+                "other=0.0).to(tl.float32)")
+            for p in range(max(0, q - k + 1), min(seg - 1, q) + 1):
+                add(f"        acc{q - p} += g{p} * xv")
+        add("    out = Part + (pid_r * tl.num_programs(2) + kh) * C * {k} + oc".format(k=k))
+        for j in range(k):
+            add(f"    tl.store(out + {j} * C, tl.sum(acc{j}, axis=0))")
+        return _SEGW_SRC.format(body="\n".join(lines))
+
+    @functools.lru_cache(maxsize=None)
+    def _segw_kernel(k: int, dil: int, seg: int):
+        src = _segw_source(k, dil, seg)
+        name = f"<metamixer dwconv segw k{k} d{dil} s{seg}>"
+        linecache.cache[name] = (len(src), None, src.splitlines(True), name)
+        scope = {"tl": tl}
+        exec(compile(src, name, "exec"), scope)
+        return triton.jit(scope["dwconv_segw_kernel"])
+
+    def _launch_segw(x, grad, k, dil, need_b, cfg):
+        """(C, k*k [+ 1 bias column]) fp32 sums from the row-segment weight-gradient kernel."""
         B, C, H, W = x.shape
+        seg, bc, nw, vec = cfg
+        bm = 32 * nw * vec // bc
+        ng = dil * triton.cdiv(triton.cdiv(W, dil), seg)
+        m_total = B * H * ng
+        blocks, c_blocks = triton.cdiv(m_total, bm), C // bc
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        runs = max(1, min(blocks, 8 * sms // (c_blocks * k)))  # ~8 programs per SM
+        iters = triton.cdiv(blocks, runs)
+        runs = triton.cdiv(blocks, iters)
+        part = torch.empty(runs, k, k, C, device=x.device, dtype=torch.float32)
+        _segw_kernel(k, dil, seg)[(runs, c_blocks, k)](
+            x, grad, part, C, H, W, ng, m_total, iters, x.stride(0), x.stride(2), x.stride(3), grad.stride(0),
+            grad.stride(2), grad.stride(3), BLOCK_M=bm, BLOCK_C=bc, VEC=vec, num_warps=nw)
+        sums = part.sum(0).reshape(k * k, C).t()
+        if need_b:
+            sums = torch.cat([sums, grad.sum((0, 2, 3), dtype=torch.float32)[:, None]], 1)
+        return sums
+
+
+    def _seg_config(x: torch.Tensor, k: int, dil: int) -> Optional[Tuple[int, int, int, int]]:
+        """(pixels per thread, BLOCK_C, num_warps, channels per thread) of the row-segment kernel, or None for the
+        tap-loop kernel. From benchmarks/tune_dwconv.py on an H100 (bf16): the row-segment kernel for channels-last
+        inputs with a multiple of 8 channels, 5x5 to 9x9 kernels and rows of at least 7 pixels per residue class
+        modulo the dilation; 3x3 convs are memory-bound and as fast on the tap loop; 4 channels per thread (fewer
+        registers than 8: 145 vs 252, 3 blocks per SM instead of 2)."""
+        B, C, H, W = x.shape
+        seg = 7
+        if x.stride(1) != 1 or C % 8 or not 5 <= k <= 9 or triton.cdiv(W, dil) < seg:
+            return None
+        bc = next(c for c in (64, 32, 16, 8) if C % c == 0)
+        groups = H * dil * triton.cdiv(triton.cdiv(W, dil), seg)  # pixel groups per image
+        nw = 4 if groups >= 2 * (32 * 4 * 4 // bc) else 2  # small maps: half the rows per block
+        return seg, bc, nw, 4
+
+    def _launch_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], dil: int,
+                    flip: bool = False, seg_cfg=None) -> torch.Tensor:
+        """Forward (or, with ``flip``, the input gradient): the row-segment kernel where ``_seg_config`` gives one
+        (``seg_cfg``: a config to force, False for the tap-loop kernel), else the tap-loop kernel."""
         k = w.shape[-1]
+        cfg = _seg_config(x, k, dil) if seg_cfg is None else seg_cfg
+        if cfg:
+            return _launch_seg(x, w, b, dil, flip, cfg)
+        B, C, H, W = x.shape
         y = torch.empty_like(x)
         args = (x, w, b if b is not None else w, y, C, H, W, *x.stride(), *y.stride())
         bh, bw, bc = _blocks(x, k)
@@ -210,8 +419,13 @@ if triton_available():
             bc //= 2
         return kkp, bc, 8 if kkp * bc > 4096 else 4
 
-    def _launch_bwd_w(x: torch.Tensor, grad: torch.Tensor, k: int, dil: int, need_b: bool) -> torch.Tensor:
-        """(C, k*k [+ 1 bias column]) fp32 sums."""
+    def _launch_bwd_w(x: torch.Tensor, grad: torch.Tensor, k: int, dil: int, need_b: bool,
+                      seg_cfg=None) -> torch.Tensor:
+        """(C, k*k [+ 1 bias column]) fp32 sums: the row-segment kernel where ``_seg_config`` gives one (``seg_cfg``
+        as in ``_launch_fwd``), else the tap-stationary kernel."""
+        cfg = _seg_config(x, k, dil) if seg_cfg is None else seg_cfg
+        if cfg:
+            return _launch_segw(x, grad, k, dil, need_b, cfg)
         B, C, H, W = x.shape
         kkp, bc, nw = _bwd_w_blocks(C, k)
         c_blocks = triton.cdiv(C, bc)

@@ -19,6 +19,13 @@ CASES = [  # B, C, H, W, k, dilation, channels_last, bias
     (2, 4, 6, 9, 5, 2, True, True),
     (1, 3, 17, 15, 13, 1, True, False),
 ]
+SEG_CASES = [  # channels-last, C a multiple of 8, 5x5..9x9: the row-segment kernel (partial pixel groups, residues)
+    (2, 24, 9, 11, 7, 1, True, True),
+    (1, 16, 9, 22, 7, 3, True, False),
+    (2, 40, 6, 15, 5, 2, True, True),
+    (1, 64, 9, 15, 9, 1, True, True),
+]
+CASES += SEG_CASES
 
 
 def _grads(out, inputs, g):
@@ -44,6 +51,45 @@ def test_triton_matches_reference(B, C, H, W, k, dil, cl, bias):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("B,C,H,W,k,dil,cl,bias", SEG_CASES)
+def test_row_segment_kernel_takes_these_shapes(B, C, H, W, k, dil, cl, bias):
+    from ops import dwconv as D
+    x = torch.empty(B, C, H, W, device=DEVICE).to(memory_format=torch.channels_last)
+    assert D._seg_config(x, k, dil) is not None  # so test_triton_matches_reference covers that kernel
+    assert D._seg_config(x.contiguous(), k, dil) is None  # NCHW: the tap-loop kernel
+
+
+@pytest.mark.parametrize("B,C,m,H,W,k,s,dil,cl", [
+    (2, 8, 2, 9, 11, 7, 2, 1, True),   # ffnet's stage transition: stride 2, channel multiplier 2, odd map
+    (1, 5, 1, 10, 7, 3, 2, 1, False),
+    (1, 4, 3, 7, 9, 5, 1, 2, True),    # multiplier only
+    (1, 3, 2, 6, 6, 3, 3, 1, False),
+])
+def test_strided_and_multiplier_convs_match_reference(B, C, m, H, W, k, s, dil, cl):
+    torch.manual_seed(C * 10 + k)
+    x = torch.randn(B, C, H, W, device=DEVICE)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(C * m, 1, k, k, device=DEVICE), torch.randn(C * m, device=DEVICE)
+    inputs = [t.requires_grad_() for t in (x, w, b)]
+    pad = dil * (k - 1) // 2
+    ref = dwconv2d_reference(x, w, b, s, pad, dil)
+    out = dwconv2d(x, w, b, s, pad, dil, impl="triton")
+    assert out.shape == ref.shape
+    assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    for got, want in zip(_grads(out, inputs, g), _grads(ref, inputs, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_module_rejects_wrong_channel_count():
+    from ops import DWConv2d
+    conv = DWConv2d(8, 7, stride=2, out_dim=16)  # 16 weights would also fit a 4- or 16-channel input
+    with pytest.raises(ValueError, match=r"expected \(B, 8, H, W\)"):
+        conv(torch.randn(1, 4, 8, 8))
+
+
 def test_low_precision_accumulates_in_fp32():
     x = torch.randn(2, 8, 12, 12, device=DEVICE)
     w = torch.randn(8, 1, 7, 7, device=DEVICE)
@@ -57,9 +103,10 @@ def test_low_precision_accumulates_in_fp32():
 
 def test_unsupported_arguments_fall_back_or_refuse():
     x, w = torch.randn(1, 4, 8, 8, device=DEVICE), torch.randn(4, 1, 3, 3, device=DEVICE)
-    torch.testing.assert_close(dwconv2d(x, w, None, 2, 1), dwconv2d_reference(x, w, None, 2, 1))  # auto: reference
+    # 'valid' padding (not 'same'): auto takes the reference, a forced Triton call is refused
+    torch.testing.assert_close(dwconv2d(x, w, None, 1, 0), dwconv2d_reference(x, w, None, 1, 0))
     with pytest.raises(ValueError, match="does not support"):
-        dwconv2d(x, w, None, stride=2, padding=1, impl="triton")
+        dwconv2d(x, w, None, stride=1, padding=0, impl="triton")
 
 
 def test_custom_op_path_matches_reference():
