@@ -3,17 +3,20 @@
 Definition (``dwconv2d_reference``): ``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` with
 ``weight`` of shape ``(C, 1, kh, kw)``: every channel is convolved with its own kernel.
 
-Triton path (``impl='triton'``; ``auto`` on CUDA takes it for dilated or >= 9x9 kernels, where it measured faster
-than cuDNN; float64 always takes the reference): stride 1, square odd kernel (any size), any dilation, 'same'
-zero padding ``dilation * (k - 1) // 2``, optional bias; NCHW or channels-last (any strides: the output keeps the
-input's memory format); fp32/fp16/bf16 with fp32 accumulation. Other arguments (strided convs, channel
-multipliers) use the reference. The kernels:
-  * forward: one program computes a tile of (pixels x channels) of one image, looping over the k*k taps
+Triton path (``impl='triton'``; ``auto`` on CUDA takes it for dilated or >= 9x9 kernels and for strided or
+channel-multiplier convs on channels-last inputs, where it measured faster than cuDNN; float64 always takes the
+reference): square odd kernel (any size), any dilation, 'same' zero padding ``dilation * (k - 1) // 2``, any
+stride, channel multiplier m (weight ``(m*C, 1, k, k)``), optional bias; NCHW or channels-last (the output keeps the
+input's memory format); fp32/fp16/bf16 with fp32 accumulation. Other arguments use the reference. The kernels:
+  * forward, row-segment (channels-last, C a multiple of 8, 5x5..9x9): each thread owns 7 output pixels of a row and
+    4 channels and reuses every loaded input for up to k taps from registers (``_seg_source``);
+  * forward, tap loop (everything else): a tile of (pixels x channels) of one image, looping over the k*k taps
     (masked loads give the zero padding);
-  * input gradient: the same kernel on the flipped weights (for 'same' padding the transposed conv is a conv);
-  * weight gradient: tap-stationary; each program keeps all k*k taps x BLOCK_C channels in fp32 registers and
-    walks a run of output pixels (across images), adding ``patch(x) * grad``; one partial sum per run, summed
-    afterwards (deterministic, no atomics); bias gradient: a sum over the output gradient.
+  * input gradient: the forward kernel on the rotated weights (for 'same' padding the transposed conv is a conv);
+  * weight gradient: row-segment where the forward is (one kernel row per program, ``_segw_source``), else
+    tap-stationary (all k*k taps x BLOCK_C channels in fp32 registers, walking a run of output pixels); one partial
+    sum per run, summed afterwards (deterministic, no atomics); bias gradient: a sum over the output gradient;
+  * stride s / multiplier m: channels repeated m times, the stride-1 conv, every s-th pixel (``_strided_or_multiplied``).
 Eager calls go through a ``torch.autograd.Function`` (measured ~5 us per call on an H100 vs ~59 us for a
 ``torch.library.custom_op``); under ``torch.compile`` the same kernels are the custom op ``metamixer::dwconv2d``
 with its backward registered (an opaque op, no graph break). Autocast casts inputs like ``F.conv2d`` would.
