@@ -263,24 +263,31 @@ def dwconv_seg_kernel(X, Wf, Bias, Y, C, H, W, NG, sxb, sxh, sxw, syb, syh, syw,
                 f"mask=ov & cm{p + hk})")
         return _SEG_SRC.format(body="\n".join(lines), dil=dil, seg_span=seg * dil)
 
-    @functools.lru_cache(maxsize=None)
-    def _seg_kernel(k: int, dil: int, seg: int, flip: bool):
-        """The JIT kernel compiled from ``_seg_source`` (registered with linecache so Triton can read it)."""
-        src = _seg_source(k, dil, seg, flip)
-        name = f"<metamixer dwconv seg k{k} d{dil} s{seg} f{int(flip)}>"
+    def _jit_source(src: str, name: str, fn: str):
+        """Triton JIT function ``fn`` from generated source (registered with linecache so Triton can read it)."""
         linecache.cache[name] = (len(src), None, src.splitlines(True), name)
         scope = {"tl": tl}
         exec(compile(src, name, "exec"), scope)
-        return triton.jit(scope["dwconv_seg_kernel"])
+        return triton.jit(scope[fn])
+
+    @functools.lru_cache(maxsize=None)
+    def _seg_kernel(k: int, dil: int, seg: int, flip: bool):
+        return _jit_source(_seg_source(k, dil, seg, flip), f"<metamixer dwconv seg k{k} d{dil} s{seg} f{int(flip)}>",
+                           "dwconv_seg_kernel")
+
+    def _seg_geometry(W: int, dil: int, cfg) -> Tuple[int, int]:
+        """(BLOCK_M, pixel groups per row) of a row-segment config: bc // vec threads along channels, the rest
+        along pixel groups; groups of ``seg`` pixels per residue class modulo the dilation."""
+        seg, bc, nw, vec = cfg
+        return 32 * nw * vec // bc, dil * triton.cdiv(triton.cdiv(W, dil), seg)
 
     def _launch_seg(x, w, b, dil, flip, cfg):
         B, C, H, W = x.shape
         k = w.shape[-1]
         seg, bc, nw, vec = cfg
-        bm = 32 * nw * vec // bc  # the layout's rows: bc // vec threads along channels, the rest along pixel groups
+        bm, ng = _seg_geometry(W, dil, cfg)
         y = torch.empty_like(x)
         wf = torch.empty(k * k, C, device=x.device, dtype=torch.float32).copy_(w.reshape(C, k * k).t())
-        ng = dil * triton.cdiv(triton.cdiv(W, dil), seg)  # pixel groups per row
         grid = (triton.cdiv(H * ng, bm), triton.cdiv(C, bc), B)
         _seg_kernel(k, dil, seg, flip)[grid](x, wf, b if b is not None else wf, y, C, H, W, ng,
                                              x.stride(0), x.stride(2), x.stride(3), y.stride(0), y.stride(2),
@@ -354,19 +361,14 @@ def dwconv_segw_kernel(X, GY, Part, C, H, W, NG, M, ITERS, sxb, sxh, sxw, sgb, s
 
     @functools.lru_cache(maxsize=None)
     def _segw_kernel(k: int, dil: int, seg: int):
-        src = _segw_source(k, dil, seg)
-        name = f"<metamixer dwconv segw k{k} d{dil} s{seg}>"
-        linecache.cache[name] = (len(src), None, src.splitlines(True), name)
-        scope = {"tl": tl}
-        exec(compile(src, name, "exec"), scope)
-        return triton.jit(scope["dwconv_segw_kernel"])
+        return _jit_source(_segw_source(k, dil, seg), f"<metamixer dwconv segw k{k} d{dil} s{seg}>",
+                           "dwconv_segw_kernel")
 
     def _launch_segw(x, grad, k, dil, need_b, cfg):
         """(C, k*k [+ 1 bias column]) fp32 sums from the row-segment weight-gradient kernel."""
         B, C, H, W = x.shape
         seg, bc, nw, vec = cfg
-        bm = 32 * nw * vec // bc
-        ng = dil * triton.cdiv(triton.cdiv(W, dil), seg)
+        bm, ng = _seg_geometry(W, dil, cfg)
         m_total = B * H * ng
         blocks, c_blocks = triton.cdiv(m_total, bm), C // bc
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
@@ -382,7 +384,6 @@ def dwconv_segw_kernel(X, GY, Part, C, H, W, NG, M, ITERS, sxb, sxh, sxw, sgb, s
             sums = torch.cat([sums, grad.sum((0, 2, 3), dtype=torch.float32)[:, None]], 1)
         return sums
 
-
     def _seg_config(x: torch.Tensor, k: int, dil: int) -> Optional[Tuple[int, int, int, int]]:
         """(pixels per thread, BLOCK_C, num_warps, channels per thread) of the row-segment kernel, or None for the
         tap-loop kernel. From benchmarks/tune_dwconv.py on an H100 (bf16): the row-segment kernel for channels-last
@@ -394,8 +395,8 @@ def dwconv_segw_kernel(X, GY, Part, C, H, W, NG, M, ITERS, sxb, sxh, sxw, sgb, s
         if x.stride(1) != 1 or C % 8 or not 5 <= k <= 9 or triton.cdiv(W, dil) < seg:
             return None
         bc = next(c for c in (64, 32, 16, 8) if C % c == 0)
-        groups = H * dil * triton.cdiv(triton.cdiv(W, dil), seg)  # pixel groups per image
-        nw = 4 if groups >= 2 * (32 * 4 * 4 // bc) else 2  # small maps: half the rows per block
+        bm4, ng = _seg_geometry(W, dil, (seg, bc, 4, 4))
+        nw = 4 if H * ng >= 2 * bm4 else 2  # small maps: half the rows per block
         return seg, bc, nw, 4
 
     def _launch_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], dil: int,
