@@ -40,10 +40,12 @@ def throughput(name: str, batch: int, size: int, impl: str, profile: bool = Fals
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    # seconds of repeats: a step takes 30-200 ms at batch 256, and a median of one or two samples once read an
+    # inference 2.8x slower than the same model measured again (msmlp_t, 2026-11-24)
     model.eval()
-    t_inf = time_ms(infer, warmup=10, rep=50)
+    t_inf = time_ms(infer, warmup=200, rep=1500)
     model.train()
-    t_train = time_ms(train, warmup=5, rep=30)
+    t_train = time_ms(train, warmup=200, rep=1500)
     if profile:  # where a training step's GPU time goes, by kernel
         from torch.profiler import ProfilerActivity
         with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:

@@ -133,13 +133,16 @@ def mix_shift(x: torch.Tensor, weights: Sequence[Sequence[torch.Tensor]],
     if any(b is not None for bs in biases for b in bs):
         bflat = torch.cat([(b.to(dt) if b is not None else x.new_zeros(c, dtype=dt)).reshape(-1)
                            for bs in biases for b, c in zip(bs, sizes)])
-    block_c = _block_c(sizes, x.stride(1) == 1 and x.shape[1] > 1)
-    table = _block_table(key, block_c, x.device)
+    channels_last = x.stride(1) == 1 and x.shape[1] > 1
+    seg = channels_last and _seg_applies(ksizes)  # the row-segment kernels, else the tap-loop ones
+    block_c = _seg_block_c(sizes) if seg else _block_c(sizes, channels_last)
+    table = _block_table(key, block_c, x.device, seg)
     kk_max = max(kh * kw for ks in ksizes for kh, kw in ks)
+    seg_ks = sorted({kh for kh, _ in ksizes[0]}) if seg else []
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # an opaque custom op with a registered backward for torch.compile
-            return torch.ops.metamixer.mix_shift(x.to(dt), wflat, bflat, table, block_c, kk_max)
-        return _MixShiftFn.apply(x.to(dt), wflat, bflat, table, block_c, kk_max)  # eager: far less per-call overhead
+            return torch.ops.metamixer.mix_shift(x.to(dt), wflat, bflat, table, block_c, kk_max, seg_ks)
+        return _MixShiftFn.apply(x.to(dt), wflat, bflat, table, block_c, kk_max, seg_ks)  # eager: less overhead
 
 
 def _rows_for(sizes: Sequence[int], block_c: int) -> List[Tuple[int, int, int, int]]:
@@ -172,16 +175,22 @@ def _block_c(sizes: Sequence[int], channels_last: bool) -> int:
 # 12 columns (``_block_info`` reads them).
 
 
-@functools.lru_cache(maxsize=None)
-def _block_rows(sizes: Tuple[int, ...], ksizes: Tuple[Tuple[Tuple[int, int], ...], ...], shifts: Tuple[int, ...],
-                block_c: int) -> Tuple[Tuple[int, ...], ...]:
-    group_off, off = [], 0  # offset of each (direction, group) kernel in the flat buffer
+def _group_offsets(sizes, ksizes) -> List[List[int]]:
+    """Offset of each (direction, group) kernel in the flat kernel buffer (kernels concatenated in order)."""
+    out, off = [], 0
     for d in range(len(_DIRECTIONS)):
         row = []
         for (kh, kw), c in zip(ksizes[d], sizes):
             row.append(off)
             off += c * kh * kw
-        group_off.append(row)
+        out.append(row)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _block_rows(sizes: Tuple[int, ...], ksizes: Tuple[Tuple[Tuple[int, int], ...], ...], shifts: Tuple[int, ...],
+                block_c: int) -> Tuple[Tuple[int, ...], ...]:
+    group_off = _group_offsets(sizes, ksizes)
     starts = [sum(sizes[:g]) for g in range(len(sizes))]
     rows = []
     for b0, g, lo, hi in _rows_for(sizes, block_c):
@@ -190,6 +199,35 @@ def _block_rows(sizes: Tuple[int, ...], ksizes: Tuple[Tuple[Tuple[int, int], ...
             kh, kw = ksizes[d][g]
             row += [kh, kw, group_off[d][g] + b0 - starts[g], sizes[g]]
         rows.append(tuple(row))
+    return tuple(rows)
+
+
+# Row-segment path (channels-last, every group's two kernels square and of one size K <= 9: MS-MLP's case): one
+# row per run of at most ``block_c`` channels of one group: first channel, channel count, K, shift, then per
+# direction the offset of the first channel's tap-0 weight in the flat kernel buffer, and the tap stride (C_g).
+_SEG = 7  # output pixels of a row per thread
+
+
+def _seg_applies(ksizes) -> bool:
+    return all(a == b and a[0] == a[1] and a[0] % 2 == 1 and a[0] <= 9 for a, b in zip(*ksizes))
+
+
+def _seg_block_c(sizes: Sequence[int]) -> int:
+    """Channels per program (one per thread): the largest of 64..8 that pads the groups by at most 25%."""
+    for bc in (64, 32, 16, 8):
+        if sum(-(-c // bc) * bc for c in sizes) <= 1.25 * sum(sizes):
+            return bc
+    return 8
+
+
+@functools.lru_cache(maxsize=None)
+def _seg_rows(sizes: Tuple[int, ...], ksizes, shifts: Tuple[int, ...], block_c: int) -> Tuple[Tuple[int, ...], ...]:
+    rows, gs, offs = [], 0, _group_offsets(sizes, ksizes)
+    for g, c in enumerate(sizes):
+        for c0 in range(0, c, block_c):
+            rows.append((gs + c0, min(block_c, c - c0), ksizes[0][g][0], shifts[g], offs[0][g] + c0,
+                         offs[1][g] + c0, c))
+        gs += c
     return tuple(rows)
 
 
@@ -207,12 +245,13 @@ def _tap_major_index(sizes, ksizes, shifts) -> Tuple[int, ...]:
 _DEVICE_CACHE = {}  # device copies of the tables above (one small host-to-device copy per configuration)
 
 
-def _block_table(key, block_c: int, device: torch.device) -> torch.Tensor:
+def _block_table(key, block_c: int, device: torch.device, seg: bool) -> torch.Tensor:
+    rows = _seg_rows if seg else _block_rows
     if torch.compiler.is_compiling():  # traced: the table becomes a constant of the graph
-        return torch.tensor(_block_rows(*key, block_c), dtype=torch.int32, device=device)
-    k = ("rows", key, block_c, device)
+        return torch.tensor(rows(*key, block_c), dtype=torch.int32, device=device)
+    k = ("rows", key, block_c, seg, device)
     if k not in _DEVICE_CACHE:
-        _DEVICE_CACHE[k] = torch.tensor(_block_rows(*key, block_c), dtype=torch.int32, device=device)
+        _DEVICE_CACHE[k] = torch.tensor(rows(*key, block_c), dtype=torch.int32, device=device)
     return _DEVICE_CACHE[k]
 
 
@@ -229,6 +268,8 @@ def _tap_index(key, device: torch.device) -> torch.Tensor:
 if triton_available():
     import triton
     import triton.language as tl
+
+    from .dwconv import _jit_source
 
     @triton.jit
     def _conv_taps(acc, x_blk, Wt, woff, cg, cl, rb, cb, rs, cs, H, W, sxh, sxw, kh, kw, FLIP: tl.constexpr,
@@ -443,6 +484,184 @@ if triton_available():
             _wgrad_dir(Xc, Gc, GW, wo_td, cg_td, cl, cmask, r0, r1, sh, sw, H, W, sxb, sxc, sxh, sxw, sgb, sgc, sgh,
                        sgw, kh_td, kw_td, True, KKP_MAX, UNROLL, True)
 
+    # ---- row-segment kernels (generated source; see _seg_body) --------------------------------------------------
+    _SEG_HEAD = '''
+def {name}(X, Wt, Bias, Y, Rows, C, H, W, NS, M, ITERS, sxb, sxh, sxw, syb, syh, syw,
+           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_m, pid_r, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row = Rows + pid_r * 7
+    c0 = tl.load(row)
+    n = tl.load(row + 1)
+    K = tl.load(row + 2)
+    s = tl.load(row + 3)
+    w_lr = tl.load(row + 4)
+    w_td = tl.load(row + 5)
+    cg = tl.load(row + 6)
+    sw = ((s % W) + W) % W  # torch.roll by s == by s mod W
+    sh = ((s % H) + H) % H
+    cl = tl.arange(0, BLOCK_C)
+    cmask = (cl < n)[None, :]
+    wl = Wt + w_lr + cl
+    wt = Wt + w_td + cl
+{body}
+'''
+
+    def _seg_pixels(lines, indent, mode, hk, nq):
+        """Per-thread column offsets and masks of the ``nq`` input columns a segment meets (see _seg_body)."""
+        for q in range(nq):
+            lines.append(f"{indent}col{q} = base + {q - hk}")
+            lines.append(f"{indent}cm{q} = ((col{q} >= 0) & (col{q} < W))[:, None]")
+            lines.append(f"{indent}xt{q} = (col{q} * sxw)[:, None]")
+            if mode in ("fwd", "wgrad"):  # the lr direction reads the input rolled along W
+                lines.append(f"{indent}lc{q} = col{q} - sw")
+                lines.append(f"{indent}xl{q} = (tl.where(lc{q} < 0, lc{q} + W, lc{q}) * sxw)[:, None]")
+
+    def _seg_body(k: int, mode: str) -> List[str]:
+        """Code for one kernel size ``k`` (each program's group has one). A thread owns ``_SEG`` consecutive output
+        pixels of one row (``base + p``) and one channel; per kernel row it loads the ``_SEG + k - 1`` input values
+        those pixels meet once and feeds each into up to k accumulators (weights of the row loaded once).
+
+        fwd:    both directions, y[o, base+p] = sum_d conv_d(roll_d(x)): "lr" reads columns (col - sw) mod W,
+                "td" rows (r - sh) mod H; the padding is tested on the unrolled coordinates.
+        bwd_td: td's input gradient, the flipped conv of grad centred on row (o + sh) mod H (writes gx).
+        bwd_lr: lr's input gradient in centre space: the flipped conv of grad at centres base+p, added into
+                gx[o, (base + p - sw) mod W] (after bwd_td).
+        wgrad:  one kernel row ``i`` per program (grid axis 2), both directions: acc_d[j] += g[o, base+p] *
+                x_d[o + i - hk, base + p + j - hk] over ITERS blocks of segments; per-run partial sums."""
+        hk, nq, L = (k - 1) // 2, _SEG + k - 1, []
+        add = L.append
+        if mode == "wgrad":
+            add("        if i < K:")
+            for d in ("lr", "td"):
+                for j in range(k):
+                    add(f"            a{d}{j} = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)")
+            add("            for it in range(ITERS):")
+            ind = " " * 16
+            add(f"{ind}m = (pid_m * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)")
+            add(f"{ind}b = (m // (H * NS)).to(tl.int64)")
+            add(f"{ind}o = (m // NS) % H")
+            add(f"{ind}base = (m % NS) * {_SEG}")
+            add(f"{ind}ov = (m < M)[:, None] & cmask")
+            _seg_pixels(L, ind, mode, hk, nq)
+            add(f"{ind}r = o + (i - {hk})")
+            add(f"{ind}rv = ((r >= 0) & (r < H))[:, None] & ov")
+            add(f"{ind}rt = r - sh")
+            add(f"{ind}rt = tl.where(rt < 0, rt + H, rt)")
+            add(f"{ind}gr = Bias + (b * syb + o * syh)[:, None] + (c0 + cl)[None, :]")
+            for p in range(_SEG):
+                add(f"{ind}g{p} = tl.load(gr + (col{p + hk} * syw)[:, None], mask=ov & cm{p + hk}, other=0.0)"
+                    ".to(tl.float32)")
+            for d, rname, xo in (("lr", "r", "xl"), ("td", "rt", "xt")):
+                add(f"{ind}xr = X + (b * sxb + {rname} * sxh)[:, None] + (c0 + cl)[None, :]")
+                for q in range(nq):
+                    add(f"{ind}xv = tl.load(xr + {xo}{q}, mask=rv & cm{q}, other=0.0).to(tl.float32)")
+                    for p in range(max(0, q - k + 1), min(_SEG - 1, q) + 1):
+                        add(f"{ind}a{d}{q - p} += g{p} * xv")
+            add("            out = Y + pid_m.to(tl.int64) * C + cl  # this run's partial sums (C = kernel buffer size)")
+            for d, wo in (("lr", "w_lr"), ("td", "w_td")):
+                for j in range(k):
+                    add(f"            tl.store(out + {wo} + (i * {k} + {j}) * cg, tl.sum(a{d}{j}, axis=0), "
+                        "mask=cl < n)")
+            return L
+        ind = " " * 8
+        add(f"{ind}m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+        add(f"{ind}o = m // NS")
+        add(f"{ind}base = (m % NS) * {_SEG}")
+        add(f"{ind}ov = (o < H)[:, None] & cmask")
+        add(f"{ind}xb = X + pid_z.to(tl.int64) * sxb + (c0 + cl)[None, :]")
+        _seg_pixels(L, ind, mode, hk, nq)
+        for p in range(_SEG):
+            add(f"{ind}acc{p} = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)")
+        if mode == "bwd_td":
+            add(f"{ind}ctr = o + sh")
+            add(f"{ind}ctr = tl.where(ctr >= H, ctr - H, ctr)")
+        else:
+            add(f"{ind}ctr = o")
+        add(f"{ind}for i in range({k}):")
+        add(f"{ind}    r = ctr + (i - {hk})")
+        add(f"{ind}    rv = ((r >= 0) & (r < H))[:, None] & ov")
+        if mode == "fwd":
+            add(f"{ind}    rt = r - sh")
+            add(f"{ind}    rt = tl.where(rt < 0, rt + H, rt)")
+            terms = (("wl", "r", "xl"), ("wt", "rt", "xt"))
+        else:
+            terms = (("wt" if mode == "bwd_td" else "wl", "r", "xt"),)
+        flip = mode != "fwd"
+        for wname, rname, xo in terms:
+            add(f"{ind}    wr = {wname} + ({k - 1} - i) * {k} * cg" if flip else f"{ind}    wr = {wname} + i * {k} * cg")
+            for j in range(k):
+                add(f"{ind}    w{j} = tl.load(wr + {k - 1 - j if flip else j} * cg, mask=cl < n, other=0.0)"
+                    ".to(tl.float32)[None, :]")
+            add(f"{ind}    xr = xb + ({rname} * sxh)[:, None]")
+            for q in range(nq):
+                add(f"{ind}    xv = tl.load(xr + {xo}{q}, mask=rv & cm{q}, other=0.0).to(tl.float32)")
+                for p in range(max(0, q - k + 1), min(_SEG - 1, q) + 1):
+                    add(f"{ind}    acc{p} += xv * w{q - p}")
+        if mode == "fwd":
+            add(f"{ind}if HAS_BIAS:")
+            add(f"{ind}    bias = (tl.load(Bias + c0 + cl, mask=cl < n, other=0.0).to(tl.float32) + "
+                "tl.load(Bias + C + c0 + cl, mask=cl < n, other=0.0).to(tl.float32))[None, :]")
+            add(f"{ind}else:")
+            add(f"{ind}    bias = tl.zeros((1, BLOCK_C), dtype=tl.float32)")
+        add(f"{ind}yb = Y + pid_z.to(tl.int64) * syb + (c0 + cl)[None, :] + (o * syh)[:, None]")
+        if mode == "bwd_lr":  # all loads of td's gradient before the stores (they could alias as far as the
+            for p in range(_SEG):  # compiler knows: interleaved, each load would wait for the previous store)
+                add(f"{ind}oc = col{p + hk} - sw")
+                add(f"{ind}yp{p} = yb + (tl.where(oc < 0, oc + W, oc) * syw)[:, None]")
+                add(f"{ind}acc{p} += tl.load(yp{p}, mask=ov & cm{p + hk}, other=0.0).to(tl.float32)")
+        for p in range(_SEG):
+            c, mask = f"col{p + hk}", f"ov & cm{p + hk}"
+            ptr = f"yp{p}" if mode == "bwd_lr" else f"yb + ({c} * syw)[:, None]"
+            val = f"acc{p} + bias" if mode == "fwd" else f"acc{p}"
+            add(f"{ind}tl.store({ptr}, ({val}).to(Y.dtype.element_ty), mask={mask})")
+        return L
+
+    @functools.lru_cache(maxsize=None)
+    def _seg_kernel(ks: Tuple[int, ...], mode: str):
+        """The row-segment kernel of ``mode`` for a configuration whose groups use the kernel sizes ``ks``: one
+        branch per size (a program's group has one). ``wgrad`` takes the kernel row as grid axis 2 (``i``)."""
+        body = ["    i = pid_z"] if mode == "wgrad" else []
+        for n, k in enumerate(sorted(set(ks), reverse=True)):
+            body.append(f"    {'if' if n == 0 else 'elif'} K == {k}:")
+            body += _seg_body(k, mode)
+        name = f"mix_shift_seg_{mode}"
+        src = _SEG_HEAD.format(name=name, body="\n".join(body))
+        return _jit_source(src, f"<metamixer {name} k{'-'.join(map(str, sorted(set(ks))))}>", name)
+
+    def _seg_geometry(x: torch.Tensor, block_c: int, nw: Optional[int] = None) -> Tuple[int, int, int, int]:
+        """(segments per row, segments per image, BLOCK_M, num_warps): one (segment, channel) pair per thread."""
+        H, W = x.shape[2:]
+        ns = triton.cdiv(W, _SEG)
+        nw = nw or (4 if H * ns * block_c >= 256 else 2)
+        return ns, H * ns, max(1, 32 * nw // block_c), nw
+
+    def _launch_seg(x, y, wflat, bflat, table, block_c, ks, mode):
+        B, C, H, W = x.shape
+        ns, m, bm, nw = _seg_geometry(x, block_c)
+        _seg_kernel(ks, mode)[(triton.cdiv(m, bm), table.shape[0], B)](
+            x, wflat, bflat if bflat is not None else wflat, y, table, C, H, W, ns, m, 1, *_strides(x), *_strides(y),
+            HAS_BIAS=bflat is not None, BLOCK_M=bm, BLOCK_C=block_c, num_warps=nw)
+        return y
+
+    def _seg_wgrad(x, grad, wflat, table, block_c, ks):
+        """Both directions' kernel gradients (flat layout of ``wflat``) from per-run fp32 partial sums."""
+        B, C, H, W = x.shape
+        ns, m, bm, nw = _seg_geometry(x, block_c, 8)  # 8 warps: 10-25% faster than 4 at msmlp_t's stages (H100)
+        m_total, kmax = B * m, max(ks)
+        blocks = triton.cdiv(m_total, bm)
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        runs = max(1, min(blocks, 8 * sms // (table.shape[0] * kmax)))  # ~8 programs per SM
+        iters = triton.cdiv(blocks, runs)
+        runs = triton.cdiv(blocks, iters)
+        part = torch.empty(runs, wflat.numel(), device=x.device, dtype=torch.float32)
+        _seg_kernel(ks, "wgrad")[(runs, table.shape[0], kmax)](
+            x, wflat, grad, part, table, wflat.numel(), H, W, ns, m_total, iters, *_strides(x), *_strides(grad),
+            HAS_BIAS=False, BLOCK_M=bm, BLOCK_C=block_c, num_warps=nw)
+        return part.sum(0).to(wflat.dtype)
+
+    def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
+        return t.stride(0), t.stride(2), t.stride(3)
+
     # (elements per program, warps) per pass and layout
     _CFG = {("fwd", True): (2048, 4), ("fwd", False): (1024, 4)}
 
@@ -467,10 +686,24 @@ if triton_available():
 
     _WGRAD_UNROLL = 4
 
-    def _bwd_impl(grad, x, wflat, table, block_c, kk_max, need_x, need_w):
-        gx = _launch(grad, x, wflat, None, table, block_c, bwd=True) if need_x else x.new_empty(0)
-        gw = wflat.new_empty(0)
-        if need_w:
+    def _fwd_impl(x, wflat, bflat, table, block_c, seg_ks):
+        if seg_ks:
+            return _launch_seg(x, torch.empty_like(x), wflat, bflat, table, block_c, tuple(seg_ks), "fwd")
+        return _launch(x, x, wflat, bflat, table, block_c, bwd=False)
+
+    def _bwd_impl(grad, x, wflat, table, block_c, kk_max, seg_ks, need_x, need_w):
+        ks = tuple(seg_ks)
+        gx, gw = x.new_empty(0), wflat.new_empty(0)
+        if ks and grad.stride(1) != 1:  # the row-segment kernels read channels as the unit-stride dimension
+            grad = grad.contiguous(memory_format=torch.channels_last)
+        if need_x and ks:  # td's gradient, then lr's added in place (see _seg_body)
+            gx = _launch_seg(grad, torch.empty_like(x), wflat, None, table, block_c, ks, "bwd_td")
+            _launch_seg(grad, gx, wflat, None, table, block_c, ks, "bwd_lr")
+        elif need_x:
+            gx = _launch(grad, x, wflat, None, table, block_c, bwd=True)
+        if need_w and ks:
+            gw = _seg_wgrad(x, grad, wflat, table, block_c, ks)
+        elif need_w:
             B, C, H, W = x.shape
             acc = torch.zeros(wflat.shape, device=x.device, dtype=torch.float32)
             kkp = triton.next_power_of_2(kk_max)
@@ -489,50 +722,51 @@ if triton_available():
         gsum = grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
         return torch.cat([gsum, gsum])  # each direction's bias gets the same gradient
 
+    def _save(ctx, x, wflat, bflat, table, block_c, kk_max, seg_ks):
+        ctx.save_for_backward(x, wflat, table)
+        ctx.cfg, ctx.has_bias = (block_c, kk_max, seg_ks), bflat is not None
+
+    def _grads(bwd, ctx, grad):
+        x, wflat, table = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx, gw = bwd(grad, x, wflat, table, *ctx.cfg, need_x, need_w)
+        gb = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (gx if need_x else None), (gw if need_w else None), gb, None, None, None, None
+
     class _MixShiftFn(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, wflat, bflat, table, block_c, kk_max):
-            ctx.save_for_backward(x, wflat, table)
-            ctx.block_c, ctx.kk_max, ctx.has_bias = block_c, kk_max, bflat is not None
-            return _launch(x, x, wflat, bflat, table, block_c, bwd=False)
+        def forward(ctx, x, wflat, bflat, table, block_c, kk_max, seg_ks):
+            _save(ctx, x, wflat, bflat, table, block_c, kk_max, seg_ks)
+            return _fwd_impl(x, wflat, bflat, table, block_c, seg_ks)
 
         @staticmethod
         def backward(ctx, grad):
-            x, wflat, table = ctx.saved_tensors
-            need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            gx, gw = _bwd_impl(grad, x, wflat, table, ctx.block_c, ctx.kk_max, need_x, need_w)
-            gb = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
-            return (gx if need_x else None), (gw if need_w else None), gb, None, None, None
+            return _grads(_bwd_impl, ctx, grad)
 
     @torch.library.custom_op("metamixer::mix_shift", mutates_args=())
     def _mix_shift_op(x: torch.Tensor, wflat: torch.Tensor, bflat: Optional[torch.Tensor], table: torch.Tensor,
-                      block_c: int, kk_max: int) -> torch.Tensor:
-        return _launch(x, x, wflat, bflat, table, block_c, bwd=False)
+                      block_c: int, kk_max: int, seg_ks: List[int]) -> torch.Tensor:
+        return _fwd_impl(x, wflat, bflat, table, block_c, seg_ks)
 
     @_mix_shift_op.register_fake
-    def _(x, wflat, bflat, table, block_c, kk_max):
+    def _(x, wflat, bflat, table, block_c, kk_max, seg_ks):
         return torch.empty_like(x)
 
     @torch.library.custom_op("metamixer::mix_shift_backward", mutates_args=())
     def _mix_shift_bwd_op(grad: torch.Tensor, x: torch.Tensor, wflat: torch.Tensor, table: torch.Tensor,
-                          block_c: int, kk_max: int, need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        return _bwd_impl(grad, x, wflat, table, block_c, kk_max, need_x, need_w)
+                          block_c: int, kk_max: int, seg_ks: List[int], need_x: bool,
+                          need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _bwd_impl(grad, x, wflat, table, block_c, kk_max, seg_ks, need_x, need_w)
 
     @_mix_shift_bwd_op.register_fake
-    def _(grad, x, wflat, table, block_c, kk_max, need_x, need_w):
+    def _(grad, x, wflat, table, block_c, kk_max, seg_ks, need_x, need_w):
         return (torch.empty_like(x) if need_x else x.new_empty(0),
                 torch.empty_like(wflat) if need_w else wflat.new_empty(0))
 
     def _setup_context(ctx, inputs, output):
-        x, wflat, bflat, table, block_c, kk_max = inputs
-        ctx.save_for_backward(x, wflat, table)
-        ctx.block_c, ctx.kk_max, ctx.has_bias = block_c, kk_max, bflat is not None
+        _save(ctx, *inputs)
 
     def _backward(ctx, grad):
-        x, wflat, table = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gx, gw = _mix_shift_bwd_op(grad, x, wflat, table, ctx.block_c, ctx.kk_max, need_x, need_w)
-        gb = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (gx if need_x else None), (gw if need_w else None), gb, None, None, None
+        return _grads(torch.ops.metamixer.mix_shift_backward, ctx, grad)
 
     _mix_shift_op.register_autograd(_backward, setup_context=_setup_context)

@@ -2,6 +2,8 @@
 
 On CPU the kernels run through TRITON_INTERPRET=1 (tests/conftest.py); on a GPU the same tests run compiled.
 """
+import sys
+
 import pytest
 import torch
 
@@ -47,6 +49,35 @@ def test_triton_matches_reference(B, C, H, W, ks, shifts, cl, bias):
     g = torch.randn_like(ref)
     for got, want in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# channels-last with every group's kernels square and equal in both directions: the row-segment kernels
+SEG_CASES = [  # B, C, H, W, kernel size per group, shifts, bias
+    (2, 10, 6, 5, (1, 1, 3, 5, 7), (-2, -1, 0, 1, 2), True),     # kernels wider than the map, rows < 7 pixels
+    (1, 23, 9, 16, (3, 1, 5, 7), (3, -1, 2, -5), False),        # uneven groups 6,6,6,5; W not a multiple of 7
+    (2, 13, 5, 7, (9, 3, 1, 5, 7), (-2, -1, 0, 1, 2), True),     # 9x9; groups 3,3,3,3,1
+    (1, 20, 3, 15, (7, 5), (17, -16), True),                    # shifts beyond H and W
+]
+
+
+@pytest.mark.parametrize("B,C,H,W,ks,shifts,bias", SEG_CASES)
+def test_row_segment_kernels_match_reference(B, C, H, W, ks, shifts, bias, monkeypatch):
+    ms = sys.modules["ops.mix_shift"]  # the module (``ops.mix_shift`` is also the function's name)
+    used = []
+    orig = ms._seg_kernel
+    monkeypatch.setattr(ms, "_seg_kernel", lambda k, mode: used.append(mode) or orig(k, mode))
+    torch.manual_seed(C * 7 + W)
+    x = torch.randn(B, C, H, W, device=DEVICE).to(memory_format=torch.channels_last)
+    kd = [(k, k) for k in ks]
+    ws, bs = _params(C, (kd, kd), shifts, bias)
+    leaves = [t.requires_grad_() for t in [x] + [w for d in ws for w in d] + [b for d in bs for b in d if b is not None]]
+    ref = mix_shift_reference(x, ws, bs, shifts)
+    out = mix_shift(x, ws, bs, shifts, impl="triton")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(ref)  # NCHW: the backward converts it
+    for got, want in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert used == ["fwd", "bwd_td", "bwd_lr", "wgrad"]
 
 
 def test_bf16_accumulates_in_fp32():
