@@ -20,6 +20,9 @@ Writing ``A = softmax(scale * a^T b)``, ``out = c @ A^T`` ((a, b, c) = (k, v, q)
     (or into the q/k/v slices of the (B, N, 3C) gradient), so no permuted copies are made;
   * backward: ``dA = G^T c`` (gram), softmax backward on the d x d maps, then ``dc = G A``, ``da = b dS^T``,
     ``db = a dS`` (apply). Every token is read once per pass; qkv is read twice in the forward (gram + apply).
+  * up to 256 tokens (head_dim <= 64: davit's 14x14 and 7x7 stages) one program per (batch, head) runs a whole
+    pass instead: the forward's gram, softmax and apply in one kernel, the backward's gram, softmax backward and
+    three applies in another (at these sizes the separate launches cost more than the work).
 A ``torch.library.custom_op`` (``metamixer::channel_attention``, returning the fp32 maps as a second, non-
 differentiable output kept for the backward) with its backward registered: opaque under ``torch.compile``.
 """
@@ -122,7 +125,84 @@ if triton_available():
             y = tl.dot(x, mat.to(x.dtype))
         tl.store(Y + b * syb + h * D + n[:, None] * syn + d[None, :], y.to(Y.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _ca_chunk(X, off, n0, N, sxn, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+        """Tokens n0..n0+BN of one head (rows past N are zero), fp32 under IEEE."""
+        n = n0 + tl.arange(0, BN)
+        x = tl.load(X + off + n[:, None] * sxn + tl.arange(0, D)[None, :], mask=(n < N)[:, None], other=0.0)
+        return x.to(tl.float32) if IEEE else x
+
+    @triton.jit
+    def _ca_mm(x, mat, IEEE: tl.constexpr):
+        """x (tokens x D, input dtype) @ mat (D x D fp32), as the apply kernel computes it."""
+        if IEEE:
+            return tl.dot(x, mat, input_precision="ieee")
+        return tl.dot(x, mat.to(x.dtype))
+
+    @triton.jit
+    def _ca_gram_loop(X, Y, xoff, yoff, N, sxn, syn, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+        acc = tl.zeros((D, D), dtype=tl.float32)
+        for n0 in range(0, N, BN):
+            x = _ca_chunk(X, xoff, n0, N, sxn, BN, D, IEEE)
+            y = _ca_chunk(Y, yoff, n0, N, syn, BN, D, IEEE)
+            if IEEE:
+                acc += tl.dot(tl.trans(x), y, input_precision="ieee")
+            else:
+                acc += tl.dot(tl.trans(x), y)
+        return acc
+
+    @triton.jit
+    def _ca_fused_fwd_kernel(A, Bt, Cm, Y, Attn, heads, N, scale, sxb, sxn, syb, syn,
+                             D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+        """One program per (batch, head) does the whole forward: S = scale * a^T b over all tokens, the softmax
+        A (stored, fp32, for the backward), then out = c @ A^T tile by tile (few tokens: the maps' work is tiny
+        and separate gram / softmax / apply launches cost more than it)."""
+        pid = tl.program_id(0)
+        b = (pid // heads).to(tl.int64)
+        h = pid % heads
+        xoff = b * sxb + h * D
+        s = _ca_gram_loop(A, Bt, xoff, xoff, N, sxn, sxn, BN, D, IEEE) * scale
+        e = tl.exp(s - tl.max(s, axis=1)[:, None])
+        att = e / tl.sum(e, axis=1)[:, None]
+        d = tl.arange(0, D)
+        tl.store(Attn + pid.to(tl.int64) * D * D + d[:, None] * D + d[None, :], att)
+        mat = tl.trans(att)
+        for n0 in range(0, N, BN):
+            n = n0 + tl.arange(0, BN)
+            y = _ca_mm(_ca_chunk(Cm, xoff, n0, N, sxn, BN, D, IEEE), mat, IEEE)
+            tl.store(Y + b * syb + h * D + n[:, None] * syn + d[None, :], y.to(Y.dtype.element_ty),
+                     mask=(n < N)[:, None])
+
+    @triton.jit
+    def _ca_fused_bwd_kernel(G, A, Bt, Cm, Attn, GA, GB, GC, heads, N, scale, sgb, sgn, sxb, sxn, sob, son,
+                             D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+        """The whole backward of one (batch, head): dA = g^T c, the softmax backward dS, then per token tile
+        dc = g A, da = b dS^T, db = a dS written into the gradient's q/k/v slices."""
+        pid = tl.program_id(0)
+        b = (pid // heads).to(tl.int64)
+        h = pid % heads
+        goff = b * sgb + h * D
+        xoff = b * sxb + h * D
+        d = tl.arange(0, D)
+        att = tl.load(Attn + pid.to(tl.int64) * D * D + d[:, None] * D + d[None, :])
+        g_att = _ca_gram_loop(G, Cm, goff, xoff, N, sgn, sxn, BN, D, IEEE)
+        g_s = att * (g_att - tl.sum(g_att * att, axis=1)[:, None]) * scale
+        g_st = tl.trans(g_s)
+        for n0 in range(0, N, BN):
+            n = n0 + tl.arange(0, BN)
+            m = (n < N)[:, None]
+            out = b * sob + h * D + n[:, None] * son + d[None, :]
+            gc = _ca_mm(_ca_chunk(G, goff, n0, N, sgn, BN, D, IEEE), att, IEEE)
+            tl.store(GC + out, gc.to(GC.dtype.element_ty), mask=m)
+            ga = _ca_mm(_ca_chunk(Bt, xoff, n0, N, sxn, BN, D, IEEE), g_st, IEEE)
+            tl.store(GA + out, ga.to(GA.dtype.element_ty), mask=m)
+            gb = _ca_mm(_ca_chunk(A, xoff, n0, N, sxn, BN, D, IEEE), g_s, IEEE)
+            tl.store(GB + out, gb.to(GB.dtype.element_ty), mask=m)
+
     _BN = 64
+    # up to this many tokens (and head_dim <= 64: the d x d maps live in registers) one program per (batch, head)
+    # does a whole pass (davit's stages 3-4)
+    _FUSED_MAX_N = 256
 
     def _ieee(x: torch.Tensor) -> bool:
         """fp32 products in fp32 (not tf32); the interpreter also needs it for bf16 (its bf16 dot is wrong)."""
@@ -163,6 +243,15 @@ if triton_available():
         """Returns the output and the fp32 attention maps ``[B*heads, d, d]`` (kept for the backward)."""
         qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
         a, b, c = _roles(qkv, version)
+        B, N, C = c.shape
+        d = C // num_heads
+        if N <= _FUSED_MAX_N and d <= 64:
+            out = c.new_empty(c.shape)
+            attn = torch.empty(B * num_heads, d, d, device=qkv.device, dtype=torch.float32)
+            _ca_fused_fwd_kernel[(B * num_heads,)](a, b, c, out, attn, num_heads, N, _scale(qkv, num_heads, version),
+                                                  qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), D=d,
+                                                  BN=_BN, IEEE=_ieee(qkv), num_warps=4)
+            return out, attn
         attn = (_gram(a, b, num_heads) * _scale(qkv, num_heads, version)).softmax(-1)
         return _apply(c, attn.transpose(-1, -2), c.new_empty(c.shape), num_heads), attn
 
@@ -178,6 +267,15 @@ if triton_available():
         qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
         a, b, c = _roles(qkv, version)
+        B, N, C = c.shape
+        if N <= _FUSED_MAX_N and C // num_heads <= 64:
+            out = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+            g_a, g_b, g_c = _roles(out, version)
+            _ca_fused_bwd_kernel[(B * num_heads,)](
+                grad, a, b, c, attn, g_a, g_b, g_c, num_heads, N, _scale(qkv, num_heads, version), grad.stride(0),
+                grad.stride(1), qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), D=C // num_heads, BN=_BN,
+                IEEE=_ieee(qkv), num_warps=4)
+            return out
         g_attn = _gram(grad, c, num_heads)
         g_s = attn * (g_attn - (g_attn * attn).sum(-1, keepdim=True)) * _scale(qkv, num_heads, version)
         out = torch.empty_like(qkv, memory_format=torch.contiguous_format)
