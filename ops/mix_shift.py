@@ -485,9 +485,13 @@ if triton_available():
                        sgw, kh_td, kw_td, True, KKP_MAX, UNROLL, True)
 
     # ---- row-segment kernels (generated source; see _seg_body) --------------------------------------------------
+    # forward / input-gradient passes: grid (segment blocks, table rows, images); the weight gradient: grid (runs of
+    # segment blocks, table rows, kernel rows), GY = the output gradient, Part = per-run sums (NW = kernel buffer size)
+    _SEG_SIGNATURES = {
+        "conv": "X, Wt, Bias, Y, Rows, C, H, W, NS, sxb, sxh, sxw, syb, syh, syw, HAS_BIAS: tl.constexpr",
+        "wgrad": "X, Wt, GY, Part, Rows, NW, H, W, NS, M, ITERS, sxb, sxh, sxw, sgb, sgh, sgw"}
     _SEG_HEAD = '''
-def {name}(X, Wt, Bias, Y, Rows, C, H, W, NS, M, ITERS, sxb, sxh, sxw, syb, syh, syw,
-           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def {name}({signature}, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_m, pid_r, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row = Rows + pid_r * 7
     c0 = tl.load(row)
@@ -547,9 +551,9 @@ def {name}(X, Wt, Bias, Y, Rows, C, H, W, NS, M, ITERS, sxb, sxh, sxw, syb, syh,
             add(f"{ind}rv = ((r >= 0) & (r < H))[:, None] & ov")
             add(f"{ind}rt = r - sh")
             add(f"{ind}rt = tl.where(rt < 0, rt + H, rt)")
-            add(f"{ind}gr = Bias + (b * syb + o * syh)[:, None] + (c0 + cl)[None, :]")
+            add(f"{ind}gr = GY + (b * sgb + o * sgh)[:, None] + (c0 + cl)[None, :]")
             for p in range(_SEG):
-                add(f"{ind}g{p} = tl.load(gr + (col{p + hk} * syw)[:, None], mask=ov & cm{p + hk}, other=0.0)"
+                add(f"{ind}g{p} = tl.load(gr + (col{p + hk} * sgw)[:, None], mask=ov & cm{p + hk}, other=0.0)"
                     ".to(tl.float32)")
             for d, rname, xo in (("lr", "r", "xl"), ("td", "rt", "xt")):
                 add(f"{ind}xr = X + (b * sxb + {rname} * sxh)[:, None] + (c0 + cl)[None, :]")
@@ -557,7 +561,7 @@ def {name}(X, Wt, Bias, Y, Rows, C, H, W, NS, M, ITERS, sxb, sxh, sxw, syb, syh,
                     add(f"{ind}xv = tl.load(xr + {xo}{q}, mask=rv & cm{q}, other=0.0).to(tl.float32)")
                     for p in range(max(0, q - k + 1), min(_SEG - 1, q) + 1):
                         add(f"{ind}a{d}{q - p} += g{p} * xv")
-            add("            out = Y + pid_m.to(tl.int64) * C + cl  # this run's partial sums (C = kernel buffer size)")
+            add("            out = Part + pid_m.to(tl.int64) * NW + cl  # this run's partial sums")
             for d, wo in (("lr", "w_lr"), ("td", "w_td")):
                 for j in range(k):
                     add(f"            tl.store(out + {wo} + (i * {k} + {j}) * cg, tl.sum(a{d}{j}, axis=0), "
@@ -625,7 +629,8 @@ def {name}(X, Wt, Bias, Y, Rows, C, H, W, NS, M, ITERS, sxb, sxh, sxw, syb, syh,
             body.append(f"    {'if' if n == 0 else 'elif'} K == {k}:")
             body += _seg_body(k, mode)
         name = f"mix_shift_seg_{mode}"
-        src = _SEG_HEAD.format(name=name, body="\n".join(body))
+        src = _SEG_HEAD.format(name=name, signature=_SEG_SIGNATURES["wgrad" if mode == "wgrad" else "conv"],
+                               body="\n".join(body))
         return _jit_source(src, f"<metamixer {name} k{'-'.join(map(str, sorted(set(ks))))}>", name)
 
     def _seg_geometry(x: torch.Tensor, block_c: int, nw: Optional[int] = None) -> Tuple[int, int, int, int]:
@@ -639,7 +644,7 @@ def {name}(X, Wt, Bias, Y, Rows, C, H, W, NS, M, ITERS, sxb, sxh, sxw, syb, syh,
         B, C, H, W = x.shape
         ns, m, bm, nw = _seg_geometry(x, block_c)
         _seg_kernel(ks, mode)[(triton.cdiv(m, bm), table.shape[0], B)](
-            x, wflat, bflat if bflat is not None else wflat, y, table, C, H, W, ns, m, 1, *_strides(x), *_strides(y),
+            x, wflat, bflat if bflat is not None else wflat, y, table, C, H, W, ns, *_strides(x), *_strides(y),
             HAS_BIAS=bflat is not None, BLOCK_M=bm, BLOCK_C=block_c, num_warps=nw)
         return y
 
@@ -656,7 +661,7 @@ def {name}(X, Wt, Bias, Y, Rows, C, H, W, NS, M, ITERS, sxb, sxh, sxw, syb, syh,
         part = torch.empty(runs, wflat.numel(), device=x.device, dtype=torch.float32)
         _seg_kernel(ks, "wgrad")[(runs, table.shape[0], kmax)](
             x, wflat, grad, part, table, wflat.numel(), H, W, ns, m_total, iters, *_strides(x), *_strides(grad),
-            HAS_BIAS=False, BLOCK_M=bm, BLOCK_C=block_c, num_warps=nw)
+            BLOCK_M=bm, BLOCK_C=block_c, num_warps=nw)
         return part.sum(0).to(wflat.dtype)
 
     def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
