@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import copy_bandwidth_gbs, device_name, print_table, time_ms, try_time_ms  # noqa: E402
+from harness import copy_bandwidth_gbs, device_name, fwd_bwd, print_table, time_ms, try_time_ms, us  # noqa: E402
 
 from ops.aggregated_attention import aggregated_attention, aggregated_attention_reference  # noqa: E402
 
@@ -43,30 +43,20 @@ def _inputs(B, nh, H, W, d, P, dtype):
     return [heads(N), heads(N), heads(N), heads(P), heads(P)] + [t.to(DEVICE, dtype) for t in params]
 
 
-def _us(t):
-    return None if t is None else t * 1e3
-
-
-def _fwd_bwd(fn, inputs, grad):
-    def run():
-        torch.autograd.grad(fn(*inputs), inputs, grad)
-    return run
-
-
 def bench(label, B, nh, H, W, d, P, dtype, bw, compile_ok):
     size = (H, W)
     inputs = _inputs(B, nh, H, W, d, P, dtype)
     ours = lambda *a: aggregated_attention(*a, size, WINDOW, impl="triton")  # noqa: E731
     ref = lambda *a: aggregated_attention_reference(*a, size, WINDOW)  # noqa: E731
     comp = torch.compile(ref, dynamic=False) if compile_ok else None
-    t = _us(time_ms(lambda: ours(*inputs)))
-    tr = _us(time_ms(lambda: ref(*inputs)))
-    tc = _us(try_time_ms(lambda: comp(*inputs))) if comp else None
+    t = us(time_ms(lambda: ours(*inputs)))
+    tr = us(time_ms(lambda: ref(*inputs)))
+    tc = us(try_time_ms(lambda: comp(*inputs))) if comp else None
     fb = [x.detach().clone().requires_grad_() for x in inputs]
     g = torch.randn_like(inputs[0])
-    tb = _us(time_ms(_fwd_bwd(ours, fb, g)))
-    tbr = _us(time_ms(_fwd_bwd(ref, fb, g)))
-    tbc = _us(try_time_ms(_fwd_bwd(comp, fb, g))) if comp else None
+    tb = us(time_ms(fwd_bwd(ours, fb, g)))
+    tbr = us(time_ms(fwd_bwd(ref, fb, g)))
+    tbc = us(try_time_ms(fwd_bwd(comp, fb, g))) if comp else None
     out_bytes = B * nh * H * W * (d * inputs[0].element_size() + 4)  # output + fp32 logsumexp
     gbs = (sum(x.numel() * x.element_size() for x in inputs) + out_bytes) / (t * 1e-6) / 1e9
     exact = aggregated_attention_reference(*[x.double() for x in inputs], size, WINDOW)

@@ -16,7 +16,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import copy_bandwidth_gbs, device_name, graph_time_ms, print_table, time_ms, try_time_ms  # noqa: E402
+from harness import (  # noqa: E402
+    copy_bandwidth_gbs, device_name, fwd_bwd, graph_time_ms, print_table, rel_err, time_ms, try_time_ms, us)
 
 from ops.channel_attention import channel_attention, channel_attention_reference  # noqa: E402
 from ops.na2d import na2d_av, na2d_av_reference, na2d_qk, na2d_qk_reference, window_start  # noqa: E402
@@ -35,36 +36,22 @@ CA_SHAPES = [("davit_t s1", 64, 3136, 96, 3), ("davit_t s2", 64, 784, 192, 6), (
              ("davit_t s4", 64, 49, 768, 24)]
 
 
-def _us(t):
-    return None if t is None else t * 1e3
-
-
-def _fwd_bwd(fn, inputs, grad, allow_unused=False):
-    def run():
-        torch.autograd.grad(fn(*inputs), inputs, grad, allow_unused=allow_unused)
-    return run
-
-
-def _rel_err(a, b):
-    return f"{((a.float() - b.float()).norm() / b.float().norm()).item():.1e}"
-
-
 def _row(label, ours, ref, comp, inputs, out_bytes, bw, fb_inputs):
     """Forward and forward+backward rows for one op: callables take the inputs positionally."""
-    t = _us(time_ms(lambda: ours(*inputs)))
-    tr = _us(time_ms(lambda: ref(*inputs)))
+    t = us(time_ms(lambda: ours(*inputs)))
+    tr = us(time_ms(lambda: ref(*inputs)))
     g = torch.randn_like(ref(*inputs))
-    tb = _us(time_ms(_fwd_bwd(ours, fb_inputs, g)))
-    tbr = _us(time_ms(_fwd_bwd(ref, fb_inputs, g)))
-    tbc = _us(try_time_ms(_fwd_bwd(comp, fb_inputs, g))) if comp else None
+    tb = us(time_ms(fwd_bwd(ours, fb_inputs, g)))
+    tbr = us(time_ms(fwd_bwd(ref, fb_inputs, g)))
+    tbc = us(try_time_ms(fwd_bwd(comp, fb_inputs, g))) if comp else None
     # GPU time without host overhead (CUDA-graph replays; the wall f+b is host-bound at small shapes)
-    tg, tgr = (_us(graph_time_ms(_fwd_bwd(f, fb_inputs, g))) for f in (ours, ref))
+    tg, tgr = (us(graph_time_ms(fwd_bwd(f, fb_inputs, g))) for f in (ours, ref))
     gbs = (sum(x.numel() * x.element_size() for x in inputs if torch.is_tensor(x)) + out_bytes) / (t * 1e-6) / 1e9
     return {"shape": label, "fwd us": t, "ref fwd": tr, "x ref": tr / t, "GB/s": gbs, "% copy bw": 100 * gbs / bw,
             "f+b us": tb, "ref f+b": tbr, "compile f+b": tbc, "x ref f+b": tbr / tb,
             "x compile f+b": tbc / tb if tbc else None, "graph f+b us": tg, "ref graph f+b": tgr,
             "x ref graph f+b": tgr / tg if tg and tgr else None,
-            "rel err": _rel_err(ours(*inputs), ref(*inputs))}
+            "rel err": rel_err(ours(*inputs), ref(*inputs))}
 
 
 COLS = ["shape", "fwd us", "ref fwd", "x ref", "GB/s", "% copy bw", "f+b us", "ref f+b",
@@ -108,12 +95,12 @@ def bench_chain(label, B, G, H, W, D, k, compile_ok):
     rpb = torch.randn(G, 2 * k - 1, 2 * k - 1, device="cuda", dtype=DT)
     inputs = [t.detach().clone().requires_grad_() for t in (q, key, v, rpb)]
     g = torch.randn_like(v)
-    t = _us(time_ms(_fwd_bwd(lambda *a: chain(*a, "triton"), inputs, g)))
-    tr = _us(time_ms(_fwd_bwd(lambda *a: chain(*a, "reference"), inputs, g)))
+    t = us(time_ms(fwd_bwd(lambda *a: chain(*a, "triton"), inputs, g)))
+    tr = us(time_ms(fwd_bwd(lambda *a: chain(*a, "reference"), inputs, g)))
     tc = None
     if compile_ok:
         comp = torch.compile(lambda *a: chain(*a, "reference"), dynamic=False)
-        tc = _us(try_time_ms(_fwd_bwd(comp, inputs, g)))
+        tc = us(try_time_ms(fwd_bwd(comp, inputs, g)))
     tf, err = None, None
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -139,8 +126,8 @@ def bench_chain(label, B, G, H, W, D, k, compile_ok):
                        block_mask=block_mask, scale=1.0)
             return out.unflatten(2, (H, W))
 
-        err = _rel_err(run_flex(*inputs), chain(*inputs, "reference"))
-        tf = _us(try_time_ms(_fwd_bwd(run_flex, inputs, g, allow_unused=True)))
+        err = rel_err(run_flex(*inputs), chain(*inputs, "reference"))
+        tf = us(try_time_ms(fwd_bwd(run_flex, inputs, g, allow_unused=True)))
     except Exception as e:  # FlexAttention may refuse a head width (e.g. 14)
         print(f"  [flex skipped: {type(e).__name__}: {str(e)[:160]}]", file=sys.stderr)
     return {"shape": label, "ours f+b us": t, "ref f+b": tr, "compile f+b": tc, "flex f+b": tf, "x ref": tr / t,

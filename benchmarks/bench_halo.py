@@ -24,7 +24,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import copy_bandwidth_gbs, device_name, print_table, time_ms, try_time_ms  # noqa: E402
+from harness import (  # noqa: E402
+    copy_bandwidth_gbs, device_name, fwd_bwd, print_table, rel_err, time_ms, try_time_ms, us)
 
 from ops.halo_attention import _launch_bwd, _launch_fwd, halo_attention, halo_attention_reference  # noqa: E402
 
@@ -43,10 +44,6 @@ SHAPES = [
 CHUNKS = (None, 64, 32, 16)
 
 
-def _us(t):
-    return None if t is None else t * 1e3
-
-
 def _inputs(B, nh, dqk, dv, H, W, block, halo, stride):
     cl = torch.channels_last
     win = block + 2 * halo
@@ -59,16 +56,6 @@ def _inputs(B, nh, dqk, dv, H, W, block, halo, stride):
 def _split(q, kv, nh, dqk, dv):
     k, v = kv.unflatten(1, (nh, -1)).split([dqk, dv], dim=2)
     return q.unflatten(1, (nh, dqk)), k, v
-
-
-def _fwd_bwd(fn, inputs, grad):
-    def run():
-        torch.autograd.grad(fn(*inputs), inputs, grad)
-    return run
-
-
-def _rel_err(a, b):
-    return f"{((a.float() - b.float()).norm() / b.float().norm()).item():.1e}"
 
 
 def bench_op(bw, compile_ok, chunks=CHUNKS):
@@ -93,11 +80,11 @@ def bench_op(bw, compile_ok, chunks=CHUNKS):
                 return compiled(*_split(q, kv, nh, dqk, dv), rel[0], rel[1], block, halo, stride)
 
         with torch.no_grad():
-            t, tr = _us(time_ms(lambda: ours(*inputs))), _us(time_ms(lambda: ref(*inputs)))
-            err = _rel_err(ours(*inputs), ref(*inputs))
+            t, tr = us(time_ms(lambda: ours(*inputs))), us(time_ms(lambda: ref(*inputs)))
+            err = rel_err(ours(*inputs), ref(*inputs))
         g = torch.randn_like(ref(*inputs))
-        tb, tbr = _us(time_ms(_fwd_bwd(ours, inputs, g))), _us(time_ms(_fwd_bwd(ref, inputs, g)))
-        tbc = _us(try_time_ms(_fwd_bwd(comp, inputs, g))) if comp else None
+        tb, tbr = us(time_ms(fwd_bwd(ours, inputs, g))), us(time_ms(fwd_bwd(ref, inputs, g)))
+        tbc = us(try_time_ms(fwd_bwd(comp, inputs, g))) if comp else None
         io_bytes = sum(x.numel() * x.element_size() for x in inputs[:2]) + g.numel() * g.element_size()
         gbs = io_bytes / (t * 1e-6) / 1e9
         rows.append({"shape": label, "fwd us": t, "ref fwd": tr, "x ref": tr / t, "GB/s": gbs,
@@ -111,8 +98,8 @@ def bench_op(bw, compile_ok, chunks=CHUNKS):
         row = {"shape": label}
         for c in chunks:
             out, lse = _launch_fwd(q, k, v, rh, rw, block, halo, stride, scale, c)
-            row[f"fwd q_chunk={c}"] = _us(time_ms(lambda: _launch_fwd(q, k, v, rh, rw, block, halo, stride, scale, c)))
-            row[f"bwd q_chunk={c}"] = _us(time_ms(
+            row[f"fwd q_chunk={c}"] = us(time_ms(lambda: _launch_fwd(q, k, v, rh, rw, block, halo, stride, scale, c)))
+            row[f"bwd q_chunk={c}"] = us(time_ms(
                 lambda: _launch_bwd(g, q, k, v, rh, rw, out, lse, block, halo, stride, scale, c)))
         if chunks:
             sweep.append(row)

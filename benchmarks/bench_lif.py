@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import copy_bandwidth_gbs, device_name, graph_time_ms, print_table, time_ms, try_time_ms  # noqa: E402
+from harness import copy_bandwidth_gbs, device_name, graph_time_ms, print_table, time_ms, try_time_ms, us  # noqa: E402
 
 from ops.lif import lif_multistep, lif_multistep_reference  # noqa: E402
 from ops.spiking_attention import spiking_attention, spiking_attention_reference  # noqa: E402
@@ -79,10 +79,6 @@ def _fz(fn, x):
     return lambda: fn(xs)
 
 
-def _us(v):
-    return None if v is None else v * 1e3
-
-
 def _gpu_bwd(fn, x):
     """GPU-only backward time (ms): CUDA-graph time of forward+backward minus that of the autograd forward."""
     fb, fz = graph_time_ms(_fb(fn, x)), graph_time_ms(_fz(fn, x))
@@ -130,17 +126,17 @@ def bench_lif(label, shape, dtype, bw, compiled, sj_node):
     bwd_gbs = n_el * (2 * es + zs) / (t_b * 1e-3) / 1e9
     torch.cuda.empty_cache()
     return {
-        "shape (T=4)": label, "dtype": str(dtype).split(".")[-1], "copy us": _us(t_copy),
-        "fwd us": _us(t_f), "eager fwd": _us(t_f_ref), "compile fwd": _us(t_f_comp), "cupy fwd": _us(t_f_sj),
-        "fwd+z us": _us(t_fz), "fwd/copy": t_f / t_copy, "fwd+z/copy": t_fz / t_copy,
+        "shape (T=4)": label, "dtype": str(dtype).split(".")[-1], "copy us": us(t_copy),
+        "fwd us": us(t_f), "eager fwd": us(t_f_ref), "compile fwd": us(t_f_comp), "cupy fwd": us(t_f_sj),
+        "fwd+z us": us(t_fz), "fwd/copy": t_f / t_copy, "fwd+z/copy": t_fz / t_copy,
         "x compile fwd": (t_f_comp / t_f) if t_f_comp else None,
         "x cupy fwd": (t_f_sj / t_f) if t_f_sj else None,
-        "bwd us": _us(t_b), "eager bwd": _us(t_b_ref), "compile bwd": _us(t_b_comp), "cupy bwd": _us(t_b_sj),
+        "bwd us": us(t_b), "eager bwd": us(t_b_ref), "compile bwd": us(t_b_comp), "cupy bwd": us(t_b_sj),
         "bwd/copy": t_b / t_copy, "x compile bwd": (t_b_comp / t_b) if t_b_comp else None,
         "x cupy bwd": (t_b_sj / t_b) if t_b_sj else None,
-        "graph f+b us": _us(g_fb), "graph compile f+b": _us(g_fb_comp),
+        "graph f+b us": us(g_fb), "graph compile f+b": us(g_fb_comp),
         "x compile f+b (graph)": (g_fb_comp / g_fb) if g_fb and g_fb_comp else None,
-        "graph bwd us": _us(g_b), "graph compile bwd": _us(g_b_comp),
+        "graph bwd us": us(g_b), "graph compile bwd": us(g_b_comp),
         "graph bwd/copy": g_b / t_copy if g_b else None,
         "x compile bwd (graph)": (g_b_comp / g_b) if g_b and g_b_comp else None,
         "fwd % bw": 100 * fwd_gbs / bw, "bwd % bw": 100 * bwd_gbs / bw, "spike mismatches": mismatch,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import copy_bandwidth_gbs, device_name, graph_time_ms, print_table, time_ms, try_time_ms  # noqa: E402
+from harness import copy_bandwidth_gbs, device_name, graph_time_ms, print_table, time_ms, try_time_ms, us  # noqa: E402
 
 from ops.dwconv import dwconv2d  # noqa: E402
 from ops.lka import lka, lka_reference  # noqa: E402
@@ -44,10 +44,6 @@ COLS = ["shape", "dtype", "layout", "fwd us", "ref fwd", "compile fwd", "x ref",
         "x ref graph f+b", "rel err"]
 
 
-def _us(ms):
-    return None if ms is None else ms * 1e3
-
-
 def _ratio(a, b):
     return None if a is None or b is None else a / b
 
@@ -66,12 +62,12 @@ def _fwd_bwd(fn, args):
 def _row(label, x, ours, ref, comp, args, bw_gbs, extra=None):
     out, want = ours(*args), ref(*args)
     err = ((out.float() - want.float()).norm() / want.float().norm()).item()
-    t, t_ref = _us(time_ms(lambda: ours(*args))), _us(time_ms(lambda: ref(*args)))
-    t_comp = _us(try_time_ms(lambda: comp(*args))) if comp else None
-    tb, tb_ref = _us(time_ms(_fwd_bwd(ours, args))), _us(time_ms(_fwd_bwd(ref, args)))
-    tb_comp = _us(try_time_ms(_fwd_bwd(comp, args))) if comp else None
+    t, t_ref = us(time_ms(lambda: ours(*args))), us(time_ms(lambda: ref(*args)))
+    t_comp = us(try_time_ms(lambda: comp(*args))) if comp else None
+    tb, tb_ref = us(time_ms(_fwd_bwd(ours, args))), us(time_ms(_fwd_bwd(ref, args)))
+    tb_comp = us(try_time_ms(_fwd_bwd(comp, args))) if comp else None
     # GPU time without host overhead (CUDA-graph replays): the wall f+b above is host-bound at small shapes
-    tg, tg_ref = _us(graph_time_ms(_fwd_bwd(ours, args))), _us(graph_time_ms(_fwd_bwd(ref, args)))
+    tg, tg_ref = us(graph_time_ms(_fwd_bwd(ours, args))), us(graph_time_ms(_fwd_bwd(ref, args)))
     gbs = 2 * x.numel() * x.element_size() / (t * 1e-6) / 1e9
     row = {"shape": label, "dtype": str(x.dtype).split(".")[-1],
            "layout": "NHWC" if x.is_contiguous(memory_format=torch.channels_last) else "NCHW",
@@ -81,8 +77,8 @@ def _row(label, x, ours, ref, comp, args, bw_gbs, extra=None):
            "x ref graph f+b": _ratio(tg_ref, tg), "rel err": f"{err:.1e}"}
     if extra:
         for name, fn in extra.items():
-            row[name + " fwd"] = _us(time_ms(lambda: fn(*args)))
-            row[name + " f+b"] = _us(time_ms(_fwd_bwd(fn, args)))
+            row[name + " fwd"] = us(time_ms(lambda: fn(*args)))
+            row[name + " f+b"] = us(time_ms(_fwd_bwd(fn, args)))
     return row
 
 

@@ -40,6 +40,25 @@ def try_time_ms(fn: Callable[[], object], **kw) -> Optional[float]:
         return None
 
 
+def us(ms: Optional[float]) -> Optional[float]:
+    """Milliseconds (or None: a baseline that could not run) to microseconds."""
+    return None if ms is None else ms * 1e3
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> str:
+    """Relative L2 error of ``a`` against ``b``, formatted for a table."""
+    return f"{((a.float() - b.float()).norm() / b.float().norm()).item():.1e}"
+
+
+def fwd_bwd(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], grad: torch.Tensor,
+            allow_unused: bool = False) -> Callable[[], None]:
+    """A callable running ``fn(*inputs)`` forward and backward (``grad`` as the output gradient) with respect to
+    every input, for the timers above."""
+    def run():
+        torch.autograd.grad(fn(*inputs), inputs, grad, allow_unused=allow_unused)
+    return run
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written (the memory ceiling)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
