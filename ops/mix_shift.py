@@ -37,6 +37,15 @@ with fp32 accumulation; under autocast inputs are cast like ``F.conv2d`` would. 
     rows pixel by pixel (no cross-thread reduction per tap), then adds it into an fp32 buffer with one atomic per
     (tap, channel); both directions in one launch. Bias gradient: a sum over the output gradient (the same for
     both directions).
+Row-segment kernels (channels-last input whose groups' kernels are square and the same in both directions, as in
+MS-MLP; generated Triton source, one branch per kernel size): a program covers up to 64 channels of ONE group (so
+its kernel size and shift are uniform), a thread owns 7 consecutive output pixels of a row and one channel and
+loads the 7 + k - 1 input values of each kernel row once for up to k accumulators. Forward: both directions in one
+pass. Input gradient: two passes, td's gradient (the conv of grad centred on row (h + s) mod H), then lr's computed
+at consecutive centres and added into the rolled output columns (both directions cannot slide along one row).
+Weight gradient: one kernel row per program, per-run fp32 partial sums summed on the host (no atomics).
+msmlp_t's stages at batch 64 on an H100: forward+backward 3.5-7.3x the reference in GPU time, 2.7-5.2x the
+tap-loop kernels below (benchmarks/bench_mix_shift_lka.py, README).
 All kernels of all groups are passed as one flat tap-major buffer (``torch.cat`` and one gather, so their
 gradients flow back through autograd).
 Eager calls go through a ``torch.autograd.Function`` (a ``torch.library.custom_op`` costs ~50 us more per call);
