@@ -21,6 +21,7 @@ from harness import (  # noqa: E402
 
 from ops.channel_attention import channel_attention, channel_attention_reference  # noqa: E402
 from ops.na2d import na2d_av, na2d_av_reference, na2d_qk, na2d_qk_reference, window_start  # noqa: E402
+from ops.na2d_attention import na2d_attention  # noqa: E402
 
 DT = torch.bfloat16
 # (label, B, heads, H, W, head_dim, kernel_size): overlock_xt ContMix at 224 (stage 3: 14x14, 8 heads of 16
@@ -82,8 +83,9 @@ def bench_na2d(bw, compile_ok):
     print_table(av_rows, COLS, "na2d_av (attn [B,G,H,W,k*k], value [B,G,H,W,D]), bf16")
     print_table(qk_rows, COLS, "na2d_qk with rpb (query/key [B,G,H,W,D]), bf16")
     print_table(chain_rows, ["shape", "ours f+b us", "ref f+b", "compile f+b", "flex f+b", "x ref", "x compile",
-                             "x flex", "flex rel err"],
-                "na2d chain: softmax(q.k + rpb) -> aggregation, forward+backward, bf16")
+                             "x flex", "flex rel err", "fused f+b us", "fused x flex", "fused rel err"],
+                "na2d chain: softmax(q.k + rpb) -> aggregation, forward+backward, bf16 (ours: the unfused ops; "
+                "fused: ops.na2d_attention)")
 
 
 def bench_chain(label, B, G, H, W, D, k, compile_ok):
@@ -130,8 +132,12 @@ def bench_chain(label, B, G, H, W, D, k, compile_ok):
         tf = us(try_time_ms(fwd_bwd(run_flex, inputs, g, allow_unused=True)))
     except Exception as e:  # FlexAttention may refuse a head width (e.g. 14)
         print(f"  [flex skipped: {type(e).__name__}: {str(e)[:160]}]", file=sys.stderr)
+    fused = lambda q_, k_, v_, r_: na2d_attention(q_, k_, v_, k, r_, impl="triton")  # noqa: E731
+    tfu = us(time_ms(fwd_bwd(fused, inputs, g)))
     return {"shape": label, "ours f+b us": t, "ref f+b": tr, "compile f+b": tc, "flex f+b": tf, "x ref": tr / t,
-            "x compile": tc / t if tc else None, "x flex": tf / t if tf else None, "flex rel err": err}
+            "x compile": tc / t if tc else None, "x flex": tf / t if tf else None, "flex rel err": err,
+            "fused f+b us": tfu, "fused x flex": tf / tfu if tf else None,
+            "fused rel err": rel_err(fused(*inputs), chain(*inputs, "reference"))}
 
 
 def bench_channel_attention(bw, compile_ok):

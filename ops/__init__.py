@@ -8,6 +8,7 @@ from .lka import lka, lka_reference
 from .mix_shift import mix_shift, mix_shift_chunk_sizes, mix_shift_reference
 from .channel_attention import channel_attention, channel_attention_reference
 from .na2d import na2d_av, na2d_av_reference, na2d_qk, na2d_qk_reference, na2d_rpb
+from .na2d_attention import na2d_attention, na2d_attention_reference
 from .window_attention import window_attention, window_attention_reference
 from .aggregated_attention import aggregated_attention, aggregated_attention_reference
 from .lif import MultiStepLIF, lif_multistep, lif_multistep_reference
