@@ -84,48 +84,6 @@ if triton_available():
     from ops._dispatch import interpreting
 
     @triton.jit
-    def _ca_gram_kernel(X, Y, P, heads, N, CHUNK, sxb, sxn, syb, syn,
-                        D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
-        """P[split, b*heads+h] = X_h^T @ Y_h over the tokens of one chunk (X_h = X[b, :, h*D:(h+1)*D]); fp32."""
-        pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
-        b = (pid_bh // heads).to(tl.int64)
-        h = pid_bh % heads
-        d = tl.arange(0, D)
-        x_ptr = X + b * sxb + h * D + d[None, :]
-        y_ptr = Y + b * syb + h * D + d[None, :]
-        acc = tl.zeros((D, D), dtype=tl.float32)
-        start = pid_s * CHUNK
-        for n0 in range(start, tl.minimum(start + CHUNK, N), BN):
-            n = n0 + tl.arange(0, BN)
-            m = (n < N)[:, None]
-            x = tl.load(x_ptr + n[:, None] * sxn, mask=m, other=0.0)
-            y = tl.load(y_ptr + n[:, None] * syn, mask=m, other=0.0)
-            if IEEE:
-                acc += tl.dot(tl.trans(x.to(tl.float32)), y.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(tl.trans(x), y)
-        out = P + (pid_s * tl.num_programs(0) + pid_bh).to(tl.int64) * D * D + d[:, None] * D + d[None, :]
-        tl.store(out, acc)
-
-    @triton.jit
-    def _ca_apply_kernel(X, M, Y, heads, N, sxb, sxn, syb, syn,
-                         D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
-        """Y_h[tokens] = X_h[tokens] @ M[b*heads+h] for a tile of BN tokens (M: fp32 D x D, cast to X's dtype)."""
-        pid_bh, pid_n = tl.program_id(0), tl.program_id(1)
-        b = (pid_bh // heads).to(tl.int64)
-        h = pid_bh % heads
-        d = tl.arange(0, D)
-        n = pid_n * BN + tl.arange(0, BN)
-        m = (n < N)[:, None]
-        x = tl.load(X + b * sxb + h * D + n[:, None] * sxn + d[None, :], mask=m, other=0.0)
-        mat = tl.load(M + pid_bh.to(tl.int64) * D * D + d[:, None] * D + d[None, :])
-        if IEEE:
-            y = tl.dot(x.to(tl.float32), mat, input_precision="ieee")
-        else:
-            y = tl.dot(x, mat.to(x.dtype))
-        tl.store(Y + b * syb + h * D + n[:, None] * syn + d[None, :], y.to(Y.dtype.element_ty), mask=m)
-
-    @triton.jit
     def _ca_chunk(X, off, n0, N, sxn, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
         """Tokens n0..n0+BN of one head (rows past N are zero), fp32 under IEEE."""
         n = n0 + tl.arange(0, BN)
@@ -140,9 +98,11 @@ if triton_available():
         return tl.dot(x, mat.to(x.dtype))
 
     @triton.jit
-    def _ca_gram_loop(X, Y, xoff, yoff, N, sxn, syn, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+    def _ca_gram_loop(X, Y, xoff, yoff, n_start, n_end, N, sxn, syn, BN: tl.constexpr, D: tl.constexpr,
+                      IEEE: tl.constexpr):
+        """X_h^T @ Y_h over tokens n_start..n_end (fp32)."""
         acc = tl.zeros((D, D), dtype=tl.float32)
-        for n0 in range(0, N, BN):
+        for n0 in range(n_start, n_end, BN):
             x = _ca_chunk(X, xoff, n0, N, sxn, BN, D, IEEE)
             y = _ca_chunk(Y, yoff, n0, N, syn, BN, D, IEEE)
             if IEEE:
@@ -150,6 +110,33 @@ if triton_available():
             else:
                 acc += tl.dot(tl.trans(x), y)
         return acc
+
+    @triton.jit
+    def _ca_gram_kernel(X, Y, P, heads, N, CHUNK, sxb, sxn, syb, syn,
+                        D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+        """P[split, b*heads+h] = X_h^T @ Y_h over the tokens of one chunk (X_h = X[b, :, h*D:(h+1)*D]); fp32."""
+        pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
+        b = (pid_bh // heads).to(tl.int64)
+        h = pid_bh % heads
+        d = tl.arange(0, D)
+        start = pid_s * CHUNK
+        acc = _ca_gram_loop(X, Y, b * sxb + h * D, b * syb + h * D, start, tl.minimum(start + CHUNK, N), N, sxn,
+                            syn, BN, D, IEEE)
+        out = P + (pid_s * tl.num_programs(0) + pid_bh).to(tl.int64) * D * D + d[:, None] * D + d[None, :]
+        tl.store(out, acc)
+
+    @triton.jit
+    def _ca_apply_kernel(X, M, Y, heads, N, sxb, sxn, syb, syn,
+                         D: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+        """Y_h[tokens] = X_h[tokens] @ M[b*heads+h] for a tile of BN tokens (M: fp32 D x D, cast to X's dtype)."""
+        pid_bh, pid_n = tl.program_id(0), tl.program_id(1)
+        b = (pid_bh // heads).to(tl.int64)
+        h = pid_bh % heads
+        d = tl.arange(0, D)
+        n = pid_n * BN + tl.arange(0, BN)
+        mat = tl.load(M + pid_bh.to(tl.int64) * D * D + d[:, None] * D + d[None, :])
+        y = _ca_mm(_ca_chunk(X, b * sxb + h * D, pid_n * BN, N, sxn, BN, D, IEEE), mat, IEEE)
+        tl.store(Y + b * syb + h * D + n[:, None] * syn + d[None, :], y.to(Y.dtype.element_ty), mask=(n < N)[:, None])
 
     @triton.jit
     def _ca_fused_fwd_kernel(A, Bt, Cm, Y, Attn, heads, N, scale, sxb, sxn, syb, syn,
@@ -161,7 +148,7 @@ if triton_available():
         b = (pid // heads).to(tl.int64)
         h = pid % heads
         xoff = b * sxb + h * D
-        s = _ca_gram_loop(A, Bt, xoff, xoff, N, sxn, sxn, BN, D, IEEE) * scale
+        s = _ca_gram_loop(A, Bt, xoff, xoff, 0, N, N, sxn, sxn, BN, D, IEEE) * scale
         e = tl.exp(s - tl.max(s, axis=1)[:, None])
         att = e / tl.sum(e, axis=1)[:, None]
         d = tl.arange(0, D)
@@ -185,7 +172,7 @@ if triton_available():
         xoff = b * sxb + h * D
         d = tl.arange(0, D)
         att = tl.load(Attn + pid.to(tl.int64) * D * D + d[:, None] * D + d[None, :])
-        g_att = _ca_gram_loop(G, Cm, goff, xoff, N, sgn, sxn, BN, D, IEEE)
+        g_att = _ca_gram_loop(G, Cm, goff, xoff, 0, N, N, sgn, sxn, BN, D, IEEE)
         g_s = att * (g_att - tl.sum(g_att * att, axis=1)[:, None]) * scale
         g_st = tl.trans(g_s)
         for n0 in range(0, N, BN):
