@@ -7,12 +7,12 @@ over the ``k*k`` taps. :func:`na2d_attention_reference` is the definition (the r
 
 Why fused: with windows close to the map size (OverLoCK-style 13x13 windows on 14x14 maps) the unfused chain
 writes and re-reads ``B*heads*H*W*k*k`` logits and probabilities several times per forward+backward, which is what
-made it 0.5x FlexAttention there. Here a program takes a tile of query pixels of one (batch, head), loads the
-union of their windows (a box of at most ``(tile + k - 1)^2`` keys, clipped to the map) and computes dense scores
-on tensor cores, masks them to each query's window, adds the gathered bias, and runs the softmax and the value
-product in registers; only the output and the per-pixel logsumexp are written. The backward recomputes the
-probabilities and writes dq per tile; dk, dv and the bias gradient are added with fp32 atomics (per program for the
-bias, summed afterwards).
+made it 0.5x FlexAttention there. Here a program takes a tile of up to 8x8 query pixels of one (batch, head) and
+walks the box holding all their windows (at most ``(8 + k - 1)^2`` keys, clipped to the map) one key row at a time:
+dense scores on tensor cores, masked to each query's window, plus the gathered bias, an online softmax and the
+value product, all in registers; only the output and the per-pixel logsumexp are written. The backward recomputes
+the probabilities row by row and writes dq per tile; dk, dv and the bias gradient are added with fp32 atomics (per
+program for the bias, summed afterwards).
 
 Triton path (``impl='triton'``; ``auto`` keeps the unfused ops until a GPU benchmark shows this faster): dilation 1,
 fp32/fp16/bf16, query/key/value ``[B, heads, H, W, D]`` with any strides.
@@ -71,11 +71,18 @@ if triton_available():
     from .na2d import _win_start
 
     @triton.jit
-    def _na2d_tile(Q, K, RPB, pid_bg, pid_t, G, H, W, D, scale, sqb, sqg, sqh, sqw, sqd, skb, skg, skh, skw, skd,
-                   KS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, TQ: tl.constexpr, KRP: tl.constexpr,
-                   KCP: tl.constexpr, DP: tl.constexpr, HAS_RPB: tl.constexpr, PREC: tl.constexpr):
-        """One program's query tile and the union of its windows: queries ``q`` (TQ x DP), keys ``kt`` (DP x KT),
-        masked scores ``s`` (TQ x KT, -inf outside each query's window), index vectors and masks."""
+    def _mm(a, b, DT: tl.constexpr, IEEE: tl.constexpr):
+        """a @ b with fp32 accumulation: exact fp32 products under IEEE, else tensor cores in the input dtype."""
+        if IEEE:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(DT), b.to(DT))
+
+    @triton.jit
+    def _na2d_tile(Q, pid_bg, pid_t, G, H, W, D, sqb, sqg, sqh, sqw, sqd, KS: tl.constexpr, TH: tl.constexpr,
+                   TW: tl.constexpr, TQ: tl.constexpr, KCP: tl.constexpr, DP: tl.constexpr):
+        """A program's tile of query pixels and the box holding all their windows: the box starts at the first
+        query's window and has ``n_rows`` key rows of ``KCP`` (padded) columns; per query the window's first row /
+        column, the in-window mask of the box columns and the bias column index (both the same for every row)."""
         b = (pid_bg // G).to(tl.int64)
         g = (pid_bg % G).to(tl.int64)
         i0 = (pid_t // tl.cdiv(W, TW)) * TH
@@ -86,71 +93,85 @@ if triton_available():
         qmask = (p < TH * TW) & (qi < H) & (qj < W)
         si = _win_start(qi, H, KS, 1)
         sj = _win_start(qj, W, KS, 1)
-        t = tl.arange(0, KRP * KCP)  # key t of the union box starting at the tile's first window
-        kr = _win_start(i0, H, KS, 1) + t // KCP
-        kc = _win_start(j0, W, KS, 1) + t % KCP
-        kin = (kr < H) & (kc < W)
+        r_base = _win_start(i0, H, KS, 1)
+        n_rows = tl.minimum(tl.minimum(TH, H - i0) + KS - 1, H - r_base)
+        kc = _win_start(j0, W, KS, 1) + tl.arange(0, KCP)
+        colvalid = ((kc[None, :] >= sj[:, None]) & (kc[None, :] < sj[:, None] + KS) & (kc < W)[None, :]
+                    & qmask[:, None])
+        bias_col = kc[None, :] - qj[:, None] + KS - 1
         d = tl.arange(0, DP)
         dm = d < D
         q = tl.load(Q + b * sqb + g * sqg + (qi * sqh + qj * sqw)[:, None] + (d * sqd)[None, :],
                     mask=qmask[:, None] & dm[None, :], other=0.0)
-        kt = tl.load(K + b * skb + g * skg + (kr * skh + kc * skw)[None, :] + (d * skd)[:, None],
-                     mask=dm[:, None] & kin[None, :], other=0.0)
-        if PREC == "ieee":
-            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, kt) * scale
-        dr = kr[None, :] - si[:, None]
-        dc = kc[None, :] - sj[:, None]
-        valid = (dr >= 0) & (dr < KS) & (dc >= 0) & (dc < KS) & kin[None, :] & qmask[:, None]
-        rb = (kr[None, :] - qi[:, None] + KS - 1) * (2 * KS - 1) + kc[None, :] - qj[:, None] + KS - 1
+        return b, g, qi, qj, qmask, si, r_base, n_rows, kc, colvalid, bias_col, d, dm, q
+
+    @triton.jit
+    def _na2d_row_scores(q, K, RPB, b, g, kr, kc, qi, si, colvalid, bias_col, H, W, D, scale, skb, skg, skh, skw,
+                         skd, KS: tl.constexpr, KCP: tl.constexpr, DP: tl.constexpr, HAS_RPB: tl.constexpr,
+                         DT: tl.constexpr, IEEE: tl.constexpr):
+        """Scores of the queries against key row ``kr`` of the box: (TQ, KCP), -inf outside each window; the row's
+        keys transposed (DP, KCP), the in-window mask, the bias indices and which box columns are in the map."""
+        d = tl.arange(0, DP)
+        kin = (kc < W) & (kc * 0 + kr < H)
+        kt = tl.load(K + b * skb + g * skg + kr * skh + (kc * skw)[None, :] + (d * skd)[:, None],
+                     mask=(d < D)[:, None] & kin[None, :], other=0.0)
+        valid = colvalid & ((kr >= si) & (kr < si + KS))[:, None]
+        s = _mm(q, kt, DT, IEEE) * scale
+        bias_idx = ((kr - qi + KS - 1) * (2 * KS - 1))[:, None] + bias_col
         if HAS_RPB:
-            s += tl.load(RPB + g * (2 * KS - 1) * (2 * KS - 1) + rb, mask=valid, other=0.0).to(tl.float32)
-        s = tl.where(valid, s, float("-inf"))
-        return b, g, qi, qj, qmask, kr, kc, kin, d, dm, q, kt, s, valid, rb
+            s += tl.load(RPB + g * (2 * KS - 1) * (2 * KS - 1) + bias_idx, mask=valid, other=0.0).to(tl.float32)
+        return tl.where(valid, s, float("-inf")), kt, valid, bias_idx, kin
 
     @triton.jit
     def _na2d_fused_fwd_kernel(Q, K, V, RPB, Out, Lse, G, H, W, D, DV, scale,
                                sqb, sqg, sqh, sqw, sqd, skb, skg, skh, skw, skd, svb, svg, svh, svw, svd,
                                KS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, TQ: tl.constexpr,
-                               KRP: tl.constexpr, KCP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                               HAS_RPB: tl.constexpr, PREC: tl.constexpr):
-        """Out [B, G, H, W, DV] contiguous, Lse [B, G, H, W] fp32."""
+                               KCP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, HAS_RPB: tl.constexpr,
+                               IEEE: tl.constexpr):
+        """Out [B, G, H, W, DV] contiguous, Lse [B, G, H, W] fp32: an online softmax over the box's key rows."""
         pid_bg, pid_t = tl.program_id(0), tl.program_id(1)
-        b, g, qi, qj, qmask, kr, kc, kin, d, dm, q, kt, s, valid, rb = _na2d_tile(
-            Q, K, RPB, pid_bg, pid_t, G, H, W, D, scale, sqb, sqg, sqh, sqw, sqd, skb, skg, skh, skw, skd,
-            KS, TH, TW, TQ, KRP, KCP, DP, HAS_RPB, PREC)
-        m = tl.max(s, axis=1)
-        m = tl.where(qmask, m, 0.0)  # padded query rows are all -inf: keep them finite
-        e = tl.exp(s - m[:, None])
-        den = tl.where(qmask, tl.sum(e, axis=1), 1.0)
+        DT: tl.constexpr = Q.dtype.element_ty
+        b, g, qi, qj, qmask, si, r_base, n_rows, kc, colvalid, bias_col, d, dm, q = _na2d_tile(
+            Q, pid_bg, pid_t, G, H, W, D, sqb, sqg, sqh, sqw, sqd, KS, TH, TW, TQ, KCP, DP)
         dv = tl.arange(0, DVP)
         dvm = dv < DV
-        v = tl.load(V + b * svb + g * svg + (kr * svh + kc * svw)[:, None] + (dv * svd)[None, :],
-                    mask=kin[:, None] & dvm[None, :], other=0.0)
-        if PREC == "ieee":
-            o = tl.dot(e / den[:, None], v.to(tl.float32), input_precision="ieee")
-        else:
-            o = tl.dot((e / den[:, None]).to(v.dtype), v)
+        m_i = tl.full((TQ,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((TQ,), dtype=tl.float32)
+        acc = tl.zeros((TQ, DVP), dtype=tl.float32)
+        for rr in range(0, n_rows):
+            kr = r_base + rr
+            s, kt, valid, bias_idx, kin = _na2d_row_scores(q, K, RPB, b, g, kr, kc, qi, si, colvalid, bias_col, H, W, D,
+                                                      scale, skb, skg, skh, skw, skd, KS, KCP, DP, HAS_RPB, DT, IEEE)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key of this query's window seen yet
+            alpha = tl.exp(m_i - m_use)
+            pr = tl.exp(s - m_use[:, None])
+            v = tl.load(V + b * svb + g * svg + kr * svh + (kc * svw)[:, None] + (dv * svd)[None, :],
+                        mask=kin[:, None] & dvm[None, :], other=0.0)
+            l_i = l_i * alpha + tl.sum(pr, axis=1)
+            acc = acc * alpha[:, None] + _mm(pr, v, DT, IEEE)
+            m_i = m_new
+        l_i = tl.where(qmask, l_i, 1.0)  # padded query rows saw no key
         pix = (pid_bg.to(tl.int64) * H + qi) * W + qj
-        tl.store(Out + pix[:, None] * DV + dv[None, :], o.to(Out.dtype.element_ty), mask=qmask[:, None] & dvm[None, :])
-        tl.store(Lse + pix, m + tl.log(den), mask=qmask)
+        tl.store(Out + pix[:, None] * DV + dv[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty),
+                 mask=qmask[:, None] & dvm[None, :])
+        tl.store(Lse + pix, m_i + tl.log(l_i), mask=qmask)
 
     @triton.jit
     def _na2d_fused_bwd_kernel(Q, K, V, RPB, Out, Lse, GO, DQ, DK, DVg, DRPB, G, H, W, D, DV, scale,
                                sqb, sqg, sqh, sqw, sqd, skb, skg, skh, skw, skd, svb, svg, svh, svw, svd,
                                sgb, sgg, sgh, sgw, sgd,
                                KS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, TQ: tl.constexpr,
-                               KRP: tl.constexpr, KCP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                               HAS_RPB: tl.constexpr, PREC: tl.constexpr):
+                               KCP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, HAS_RPB: tl.constexpr,
+                               IEEE: tl.constexpr):
         """DQ like Out's layout ([B, G, H, W, D]); DK, DVg fp32 [B, G, H, W, D|DV] accumulated with atomics; DRPB
-        fp32 [programs, (2k-1)^2] this program's bias gradient."""
+        fp32 [programs, (2k-1)^2] this program's bias gradient. Key row by key row, as the forward."""
         pid_bg, pid_t = tl.program_id(0), tl.program_id(1)
-        b, g, qi, qj, qmask, kr, kc, kin, d, dm, q, kt, s, valid, rb = _na2d_tile(
-            Q, K, RPB, pid_bg, pid_t, G, H, W, D, scale, sqb, sqg, sqh, sqw, sqd, skb, skg, skh, skw, skd,
-            KS, TH, TW, TQ, KRP, KCP, DP, HAS_RPB, PREC)
+        DT: tl.constexpr = Q.dtype.element_ty
+        b, g, qi, qj, qmask, si, r_base, n_rows, kc, colvalid, bias_col, d, dm, q = _na2d_tile(
+            Q, pid_bg, pid_t, G, H, W, D, sqb, sqg, sqh, sqw, sqd, KS, TH, TW, TQ, KCP, DP)
         pix = (pid_bg.to(tl.int64) * H + qi) * W + qj
-        prob = tl.exp(s - tl.load(Lse + pix, mask=qmask, other=0.0)[:, None])  # 0 outside the windows
+        lse = tl.load(Lse + pix, mask=qmask, other=0.0)
         dv = tl.arange(0, DVP)
         dvm = dv < DV
         om = qmask[:, None] & dvm[None, :]
@@ -158,39 +179,35 @@ if triton_available():
                      other=0.0)
         o = tl.load(Out + pix[:, None] * DV + dv[None, :], mask=om, other=0.0)
         delta = tl.sum(go.to(tl.float32) * o.to(tl.float32), axis=1)
-        vt = tl.load(V + b * svb + g * svg + (kr * svh + kc * svw)[None, :] + (dv * svd)[:, None],
-                     mask=dvm[:, None] & kin[None, :], other=0.0)  # (DVP, KT)
-        if PREC == "ieee":
-            dp = tl.dot(go.to(tl.float32), vt.to(tl.float32), input_precision="ieee")
-        else:
-            dp = tl.dot(go, vt)
-        ds = prob * (dp - delta[:, None])  # gradient of the (scaled, biased) scores
-        kpix = (pid_bg.to(tl.int64) * H + kr) * W + kc
-        if PREC == "ieee":
-            dq = tl.dot(ds, tl.trans(kt.to(tl.float32)), input_precision="ieee") * scale
-            dk = tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee") * scale
-            dvv = tl.dot(tl.trans(prob), go.to(tl.float32), input_precision="ieee")
-        else:
-            dq = tl.dot(ds.to(q.dtype), tl.trans(kt)) * scale
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
-            dvv = tl.dot(tl.trans(prob.to(go.dtype)), go)
-        tl.store(DQ + pix[:, None] * D + d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask[:, None] & dm[None, :])
-        tl.atomic_add(DK + kpix[:, None] * D + d[None, :], dk, mask=kin[:, None] & dm[None, :])
-        tl.atomic_add(DVg + kpix[:, None] * DV + dv[None, :], dvv, mask=kin[:, None] & dvm[None, :])
-        if HAS_RPB:
-            prog = pid_bg * tl.num_programs(1) + pid_t
-            tl.atomic_add(DRPB + prog.to(tl.int64) * (2 * KS - 1) * (2 * KS - 1) + rb, ds, mask=valid)
+        dq = tl.zeros((TQ, DP), dtype=tl.float32)
+        prog = (pid_bg * tl.num_programs(1) + pid_t).to(tl.int64)
+        for rr in range(0, n_rows):
+            kr = r_base + rr
+            s, kt, valid, bias_idx, kin = _na2d_row_scores(q, K, RPB, b, g, kr, kc, qi, si, colvalid, bias_col, H, W, D,
+                                                      scale, skb, skg, skh, skw, skd, KS, KCP, DP, HAS_RPB, DT, IEEE)
+            pr = tl.exp(s - lse[:, None])  # 0 outside the windows
+            vt = tl.load(V + b * svb + g * svg + kr * svh + (kc * svw)[None, :] + (dv * svd)[:, None],
+                         mask=dvm[:, None] & kin[None, :], other=0.0)  # (DVP, KCP)
+            ds = pr * (_mm(go, vt, DT, IEEE) - delta[:, None])  # gradient of the (scaled, biased) scores
+            dq += _mm(ds, tl.trans(kt), DT, IEEE)
+            kpix = (pid_bg.to(tl.int64) * H + kr) * W + kc
+            tl.atomic_add(DK + kpix[:, None] * D + d[None, :], _mm(tl.trans(ds), q, DT, IEEE) * scale,
+                          mask=kin[:, None] & dm[None, :])
+            tl.atomic_add(DVg + kpix[:, None] * DV + dv[None, :], _mm(tl.trans(pr), go, DT, IEEE),
+                          mask=kin[:, None] & dvm[None, :])
+            if HAS_RPB:
+                tl.atomic_add(DRPB + prog * (2 * KS - 1) * (2 * KS - 1) + bias_idx, ds, mask=valid)
+        tl.store(DQ + pix[:, None] * D + d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                 mask=qmask[:, None] & dm[None, :])
 
     def _meta(q, v, kernel_size, rpb):
         B, G, H, W, D = q.shape
         p2 = triton.next_power_of_2
         th, tw = min(8, H), min(8, W)
-        krp = p2(min(th + kernel_size - 1, H))  # the union box of a tile's windows, padded to powers of two
-        kcp = max(p2(min(tw + kernel_size - 1, W)), 16 // krp)  # tl.dot needs >= 16 keys
-        meta = dict(KS=kernel_size, TH=th, TW=tw, TQ=max(16, p2(th * tw)), KRP=krp, KCP=kcp, DP=max(16, p2(D)),
-                    DVP=max(16, p2(v.shape[-1])), HAS_RPB=rpb is not None,
-                    PREC="ieee" if q.dtype == torch.float32 or interpreting() else "default",
-                    num_warps=8 if krp * kcp > 256 else 4)
+        meta = dict(KS=kernel_size, TH=th, TW=tw, TQ=max(16, p2(th * tw)),
+                    KCP=max(16, p2(min(tw + kernel_size - 1, W))),  # a box row, padded (tl.dot needs >= 16)
+                    DP=max(16, p2(D)), DVP=max(16, p2(v.shape[-1])), HAS_RPB=rpb is not None,
+                    IEEE=q.dtype == torch.float32 or interpreting(), num_warps=4)
         return (B * G, triton.cdiv(H, th) * triton.cdiv(W, tw)), meta
 
     def _strides(t):
