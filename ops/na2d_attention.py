@@ -210,16 +210,13 @@ if triton_available():
                     IEEE=q.dtype == torch.float32 or interpreting(), num_warps=4)
         return (B * G, triton.cdiv(H, th) * triton.cdiv(W, tw)), meta
 
-    def _strides(t):
-        return t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)
-
     def _fwd(q, k, v, rpb, kernel_size, scale):
         B, G, H, W, D = q.shape
         grid, meta = _meta(q, v, kernel_size, rpb)
         out = q.new_empty(B, G, H, W, v.shape[-1])
         lse = torch.empty(B, G, H, W, device=q.device, dtype=torch.float32)
         _na2d_fused_fwd_kernel[grid](q, k, v, rpb.contiguous() if rpb is not None else q, out, lse, G, H, W, D,
-                                     v.shape[-1], scale, *_strides(q), *_strides(k), *_strides(v), **meta)
+                                     v.shape[-1], scale, *q.stride(), *k.stride(), *v.stride(), **meta)
         return out, lse
 
     def _bwd(grad, q, k, v, rpb, out, lse, kernel_size, scale):
@@ -232,8 +229,8 @@ if triton_available():
         drpb = torch.zeros(grid[0] * grid[1] if rpb is not None else 1, ks * ks, device=q.device,
                            dtype=torch.float32)
         _na2d_fused_bwd_kernel[grid](q, k, v, rpb.contiguous() if rpb is not None else q, out, lse, grad, dq, dk, dv,
-                                     drpb, G, H, W, D, v.shape[-1], scale, *_strides(q), *_strides(k), *_strides(v),
-                                     *_strides(grad), **meta)
+                                     drpb, G, H, W, D, v.shape[-1], scale, *q.stride(), *k.stride(), *v.stride(),
+                                     *grad.stride(), **meta)
         g_rpb = drpb.view(B, G, grid[1], ks, ks).sum((0, 2)).to(rpb.dtype) if rpb is not None else q.new_empty(0)
         return dq, dk.to(k.dtype), dv.to(v.dtype), g_rpb
 
