@@ -6,14 +6,14 @@ Shapes: what transnext_micro produces at 224 input, batch 64 (stages 1-3; stage 
 arguments in the benchmark dtype. Tables: times in us, forward and forward+backward (gradients of all 11 arguments),
 ours vs the eager reference and torch.compile of it; achieved GB/s of the forward (every input read once, output
 and logsumexp written once) as % of the copy bandwidth measured in the same run; relative error of the forward vs
-the fp64 reference. The dispatcher's ``auto`` keeps the reference until this table shows the kernels faster
-(``preferred=False`` in ops/aggregated_attention.py).
+the fp64 reference.
 
 Official CUDA baseline: where the authors' extension (``swattention``, TransNeXt's ``swattention_extension/``, fp32
 and fp16 only) is importable, an "official" column times the official model's structure with its kernels (windowed
 q.k + rpb and the window aggregation in CUDA, the rest in PyTorch). Build it on the GPU machine from a copy of that
 folder: ``TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace``, then put the folder on PYTHONPATH, and run
-with ``--dtype fp16`` or ``fp32``.
+with ``--dtype fp16`` or ``fp32``. With torch 2.11 the ``.cu`` files first need ``AT_DISPATCH_...(x.type(), ...)``
+changed to ``x.scalar_type()`` (``sed -i 's/\.type(),/.scalar_type(),/' *.cu``): the deprecated overload is gone.
 """
 from __future__ import annotations
 

@@ -14,8 +14,10 @@ value product, all in registers; only the output and the per-pixel logsumexp are
 the probabilities row by row and writes dq per tile; dk, dv and the bias gradient are added with fp32 atomics (per
 program for the bias, summed afterwards).
 
-Triton path (``impl='triton'``; ``auto`` keeps the unfused ops until a GPU benchmark shows this faster): dilation 1,
-fp32/fp16/bf16, query/key/value ``[B, heads, H, W, D]`` with any strides.
+Triton path (``auto`` on CUDA): dilation 1, fp32/fp16/bf16, query/key/value ``[B, heads, H, W, D]`` with any
+strides. Measured on an H100 (bf16, forward+backward GPU time, ``benchmarks/bench_attention.py --only na2d``): 726 us
+against 2244 us for the unfused Triton chain and 1374 us for FlexAttention at 13x13 windows on 14x14 maps (1.9x
+Flex), 1044 us against 4840 us for Flex at 5x5 (4.6x).
 """
 from __future__ import annotations
 
@@ -48,10 +50,10 @@ def _check(q, k, v, kernel_size, rpb):
 
 def na2d_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int,
                    rpb: Optional[torch.Tensor] = None, scale: float = 1.0, impl: Optional[str] = None) -> torch.Tensor:
-    """Dispatcher: the fused kernels with ``impl='triton'`` (not yet preferred under ``auto``), else the reference."""
+    """Dispatcher: the fused kernels (``auto`` on CUDA, or ``impl='triton'``), else the reference."""
     _check(q, k, v, kernel_size, rpb)
     supported = all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in (q, k, v))
-    if resolve_impl(impl, q, supported, preferred=False) == "reference":
+    if resolve_impl(impl, q, supported) == "reference":
         return na2d_attention_reference(q, k, v, kernel_size, rpb, scale)
     if torch.is_autocast_enabled(q.device.type):
         dt = torch.get_autocast_dtype(q.device.type)
