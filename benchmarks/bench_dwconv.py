@@ -3,8 +3,8 @@
 Run on a GPU:  PYTHONPATH=. python benchmarks/bench_dwconv.py [--quick]
 Prints: shape, dtype, layout, times (us) forward and forward+backward, our speed-up over cuDNN and compile, and our
 achieved GB/s (forward: input read once + output written once) as % of the copy bandwidth measured in the same run.
-"graph f+b" replays forward+backward from a CUDA graph: GPU time without the Python/launch overhead, which
-dominates the plain f+b wall time at small shapes.
+"graph fwd" / "graph f+b" replay the forward / forward+backward from a CUDA graph: GPU time without the
+Python/launch overhead, which dominates the plain (wall) times at small shapes.
 """
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ def bench(label, B, C, H, W, k, dil, dtype, cl, bw_gbs, compiled, stride=1, mult
     tb_ref = time_ms(fb(dwconv2d_reference)) * 1e3
     tb_comp = try_time_ms(fb(compiled)) if compiled else None
     tg_ours, tg_ref = graph_time_ms(fb(lambda *a: dwconv2d(*a, impl="triton"))), graph_time_ms(fb(dwconv2d_reference))
+    tgf_ours, tgf_ref = graph_time_ms(ours), graph_time_ms(ref)
     tb_comp = tb_comp * 1e3 if tb_comp is not None else None
     gbs = 2 * x.numel() * x.element_size() / (t_ours * 1e-6) / 1e9
     return {
@@ -75,6 +76,8 @@ def bench(label, B, C, H, W, k, dil, dtype, cl, bw_gbs, compiled, stride=1, mult
         "fwd us": t_ours, "cuDNN fwd": t_ref, "compile fwd": t_comp, "x cuDNN": t_ref / t_ours,
         "x compile": (t_comp / t_ours) if t_comp else None, "GB/s": gbs, "% copy bw": 100 * gbs / bw_gbs,
         "fwd+bwd us": tb_ours, "cuDNN f+b": tb_ref, "compile f+b": tb_comp, "x cuDNN f+b": tb_ref / tb_ours,
+        "graph fwd us": tgf_ours and tgf_ours * 1e3, "cuDNN graph fwd": tgf_ref and tgf_ref * 1e3,
+        "x cuDNN graph fwd": (tgf_ref / tgf_ours) if tgf_ours and tgf_ref else None,
         "graph f+b us": tg_ours and tg_ours * 1e3, "cuDNN graph f+b": tg_ref and tg_ref * 1e3,
         "x cuDNN graph f+b": (tg_ref / tg_ours) if tg_ours and tg_ref else None,
         "rel err": f"{err:.1e}",
@@ -94,7 +97,8 @@ def main():
     print(f"device: {device_name()}; copy bandwidth (read+write): {bw:.0f} GB/s")
     compiled = None if args.skip_compile else torch.compile(dwconv2d_reference, dynamic=False)
     cols = ["shape", "dtype", "layout", "fwd us", "cuDNN fwd", "compile fwd", "x cuDNN", "x compile", "GB/s",
-            "% copy bw", "fwd+bwd us", "cuDNN f+b", "compile f+b", "x cuDNN f+b", "graph f+b us", "cuDNN graph f+b", "x cuDNN graph f+b", "rel err"]
+            "% copy bw", "graph fwd us", "cuDNN graph fwd", "x cuDNN graph fwd", "fwd+bwd us", "cuDNN f+b", "compile f+b",
+            "x cuDNN f+b", "graph f+b us", "cuDNN graph f+b", "x cuDNN graph f+b", "rel err"]
     configs = [(torch.bfloat16, True)] if args.quick else [(torch.bfloat16, True), (torch.bfloat16, False),
                                                            (torch.float32, True)]
     for dtype, cl in configs:

@@ -18,6 +18,9 @@ CASES = [  # B, C, H, W, k, dilation, channels_last, bias
     (1, 6, 13, 10, 7, 3, False, False),   # VAN's dilated 7x7 on a map smaller than its reach
     (2, 4, 6, 9, 5, 2, True, True),
     (1, 3, 17, 15, 13, 1, True, False),
+    (2, 40, 7, 7, 7, 3, True, True),      # small-map tiles (4x8 x 16 channels): whole tap rows/columns skipped
+    (1, 64, 5, 6, 5, 2, True, True),      # tiny-map tiles (2x4 x 64 channels)
+    (1, 24, 12, 13, 5, 4, True, False),   # 4x8 tiles, partial channel block, dead taps at the edges
 ]
 SEG_CASES = [  # channels-last, C a multiple of 8, 5x5..9x9: the row-segment kernel (partial pixel groups, residues)
     (2, 24, 9, 11, 7, 1, True, True),
