@@ -10,10 +10,8 @@ in the same run, and the relative error vs the reference. A second table sweeps 
 training steps of halo_h1 with METAMIXER_OPS_IMPL=triton vs =reference vs timm's halonet_h1 (256 input, batch 64,
 bf16 autocast, channels-last).
 
-The dispatcher's ``auto`` keeps the reference for this op until these numbers exist (``preferred=False`` in
-ops/halo_attention.py); flip it where the kernels win. Until then ``benchmarks/bench_models.py`` (which compares
-``reference`` with ``auto``) shows no difference for HaloNet; after flipping:
-    PYTHONPATH=. python benchmarks/bench_models.py halo_h1 timm:halonet_h1 --size 256 --batch 64
+``auto`` takes the kernels on CUDA; the model comparison through ``bench_models.py`` (reference vs auto):
+    PYTHONPATH=. python benchmarks/bench_models.py halo_h1 timm:halonet_h1 --size 256 --batch 256
 """
 from __future__ import annotations
 

@@ -31,14 +31,15 @@ k/v are views into one conv output, channels-last under AMP), any head dims (pad
 (``block_size + 2*halo_size <= 16``: every HaloNet here but H5). Other arguments: the reference (``auto``), or an error (``impl='triton'``).
 
 * One program per (batch*head, block, chunk of the block's queries; by default as many queries as keep the logits
-  tile at 16K values in the forward, 8K in the backward, half that in fp32: e.g. 64 = H1's whole 8 x 8 block
-  forward, 32 backward): the queries against the whole window, read straight from ``k``/``v`` with masked loads
+  tile at 16K values, 4K in the backward for head dims > 32, half that in fp32: e.g. 64 = H1's whole 8 x 8
+  block): the queries against the whole window, read straight from ``k``/``v`` with masked loads
   (``other=0``: the zero halo takes part in the softmax, as above), laid out as a ``WP x WP`` tile
   (``WP = next_pow2(win)``; rows/columns ``>= win`` are the only masked-out positions).
 * Relative logits: ``q @ rel_pos_h^T`` once per program (``queries x (2*win-1)``), ``tl.gather`` by
   ``ky - qy + win - 1`` into one logit per (query, window row), spread over the window's positions by a matmul with
-  a one-hot (row -> position) matrix (columns likewise); the backward sums the logits' gradient per row with the
-  transposed one-hot matmul and gathers it back to the offsets.
+  a one-hot (row -> position) matrix (columns likewise). The dq kernel broadcasts them through a
+  ``(queries, WP, WP)`` view instead (windows of 8+), and sums the logits' gradient per row (column) over that view,
+  then gathers it back to the offsets; with the one-hot matmuls there it spilled registers (H1, sm_90).
 * Forward: one softmax over the window, times ``v`` 64 value channels at a time; stores the output and the row
   logsumexp. Backward, two kernels, no atomics (deterministic): query-stationary (the forward's programs)
   recomputes logits and probabilities, writes ``dq``, ``delta = rowsum(dO * O)`` and the relative tables' gradient
@@ -196,7 +197,7 @@ if triton_available():
                     sqb, sqh, sqd, sqy, sqx, skb, skh, skd, sky, skx,
                     BS: tl.constexpr, BQ: tl.constexpr, HALO: tl.constexpr, WIN: tl.constexpr,
                     BQC: tl.constexpr, WP: tl.constexpr, WK: tl.constexpr, RP: tl.constexpr, DQP: tl.constexpr,
-                    PREC: tl.constexpr):
+                    PREC: tl.constexpr, ONEHOT: tl.constexpr):
         """What both passes need for one (batch*head, block, chunk of BQC of the block's queries): the queries ``q``
         (BQC x DQP), the window's keys transposed ``kt`` (DQP x WP*WP, zero outside the map), the transposed
         relative tables, the logits ``s`` (padded window positions -inf), index vectors and masks."""
@@ -230,14 +231,25 @@ if triton_available():
         # relative logits: q . rel_pos_h[ky - qy + WIN - 1] = (q @ rel_pos_h^T)[p, ky - qy + WIN - 1]
         ah = tl.dot(q, rht, input_precision=PREC)  # (BQC, RP)
         aw = tl.dot(q, rwt, input_precision=PREC)
-        # per window row ky (column kx): (BQC, WK), then spread over the WP*WP positions with one-hot matmuls
-        w = tl.arange(0, WK)  # WK = max(WP, 16) for tl.dot; rows >= WP match no position
-        eh = tl.gather(ah, tl.minimum(tl.maximum(w[None, :] - qy[:, None] + WIN - 1, 0), RP - 1), axis=1)
-        ew = tl.gather(aw, tl.minimum(tl.maximum(w[None, :] - qx[:, None] + WIN - 1, 0), RP - 1), axis=1)
-        onehot_y = (ky[None, :] == w[:, None]).to(q.dtype)  # (WK, WP*WP)
-        onehot_x = (kx[None, :] == w[:, None]).to(q.dtype)
-        s += (tl.dot(eh.to(q.dtype), onehot_y, input_precision=PREC)
-              + tl.dot(ew.to(q.dtype), onehot_x, input_precision=PREC))
+        # per window row ky (column kx): (BQC, WK), then spread over the WP*WP positions: with one-hot matmuls
+        # (ONEHOT: the forward, and windows narrower than 8), or broadcast through a (BQC, WP, WP) view (the dq
+        # kernel: for H1 on sm_90 it then compiles to 247 registers and no spills with 64 queries per program,
+        # against 255 + 112 bytes of stack with the one-hot matmuls)
+        wk = tl.arange(0, WK)  # WK = max(WP, 16) for tl.dot; rows >= WP match no position
+        onehot_y = (ky[None, :] == wk[:, None]).to(q.dtype)  # (WK, WP*WP)
+        onehot_x = (kx[None, :] == wk[:, None]).to(q.dtype)
+        if ONEHOT:
+            eh = tl.gather(ah, tl.minimum(tl.maximum(wk[None, :] - qy[:, None] + WIN - 1, 0), RP - 1), axis=1)
+            ew = tl.gather(aw, tl.minimum(tl.maximum(wk[None, :] - qx[:, None] + WIN - 1, 0), RP - 1), axis=1)
+            s += (tl.dot(eh.to(q.dtype), onehot_y, input_precision=PREC)
+                  + tl.dot(ew.to(q.dtype), onehot_x, input_precision=PREC))
+        else:
+            w = tl.arange(0, WP)
+            eh = tl.gather(ah, tl.minimum(tl.maximum(w[None, :] - qy[:, None] + WIN - 1, 0), RP - 1), axis=1)
+            ew = tl.gather(aw, tl.minimum(tl.maximum(w[None, :] - qx[:, None] + WIN - 1, 0), RP - 1), axis=1)
+            # rounded to the input dtype as the one-hot matmul's operands are
+            s += tl.reshape(eh.to(q.dtype).to(tl.float32)[:, :, None] + ew.to(q.dtype).to(tl.float32)[:, None, :],
+                            (BQC, WP * WP))
         s = tl.where(kvalid[None, :], s, float("-inf"))
         return q, kt, rht, rwt, s, b * NH + h, b, h, bi, bj, qy, qx, qmask, y, x, inimg, dq, dqm, r, onehot_y, onehot_x
 
@@ -252,7 +264,7 @@ if triton_available():
         pid_bh, pid_blk, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         q, kt, rht, rwt, s, bh, b, h, bi, bj, qy, qx, qmask, y, x, inimg, dq, dqm, r, _, _ = _halo_block(
             Q, K, RH, RW, pid_bh, pid_blk, pid_c, NH, H, W, NBW, DQK, scale,
-            sqb, sqh, sqd, sqy, sqx, skb, skh, skd, sky, skx, BS, BQ, HALO, WIN, BQC, WP, WK, RP, DQP, PREC)
+            sqb, sqh, sqd, sqy, sqx, skb, skh, skd, sky, skx, BS, BQ, HALO, WIN, BQC, WP, WK, RP, DQP, PREC, True)
         m = tl.max(s, axis=1)
         e = tl.exp(s - m[:, None])
         denom = tl.sum(e, axis=1)
@@ -281,7 +293,7 @@ if triton_available():
         pid_bh, pid_blk, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         block = _halo_block(Q, K, RH, RW, pid_bh, pid_blk, pid_c, NH, H, W, NBW, DQK, scale,
                             sqb, sqh, sqd, sqy, sqx, skb, skh, skd, sky, skx, BS, BQ, HALO, WIN, BQC, WP, WK, RP, DQP,
-                            PREC)
+                            PREC, WP < 8)
         q, kt, rht, rwt, s, bh, b, h, bi, bj, qy, qx, qmask, y, x, inimg, dq, dqm, r, onehot_y, onehot_x = block
         dt = q.dtype
         pix = (bi * BQ + qy) * WQ + bj * BQ + qx
@@ -306,10 +318,15 @@ if triton_available():
         # relative logits: gradient per (query, ky) summed over kx, then moved to offset r = ky - qy + WIN - 1
         ky_r = r[None, :] + qy[:, None] - (WIN - 1)  # (BQC, RP): the ky that reads offset r
         kx_r = r[None, :] + qx[:, None] - (WIN - 1)
-        dsh = tl.dot(dsl, tl.trans(onehot_y), input_precision=PREC)  # (BQC, WK)
-        dsw = tl.dot(dsl, tl.trans(onehot_x), input_precision=PREC)
-        dah = tl.gather(dsh, tl.minimum(tl.maximum(ky_r, 0), WK - 1), axis=1)
-        daw = tl.gather(dsw, tl.minimum(tl.maximum(kx_r, 0), WK - 1), axis=1)
+        if WP < 8:
+            dsh = tl.dot(dsl, tl.trans(onehot_y), input_precision=PREC)  # (BQC, WK)
+            dsw = tl.dot(dsl, tl.trans(onehot_x), input_precision=PREC)
+        else:
+            ds3 = tl.reshape(dsl.to(tl.float32), (BQC, WP, WP))
+            dsh = tl.sum(ds3, axis=2)  # (BQC, WP)
+            dsw = tl.sum(ds3, axis=1)
+        dah = tl.gather(dsh, tl.minimum(tl.maximum(ky_r, 0), dsh.shape[1] - 1), axis=1)
+        daw = tl.gather(dsw, tl.minimum(tl.maximum(kx_r, 0), dsw.shape[1] - 1), axis=1)
         dah = tl.where((ky_r >= 0) & (ky_r < WIN), dah, 0.0).to(dt)
         daw = tl.where((kx_r >= 0) & (kx_r < WIN), daw, 0.0).to(dt)
         dqv = (tl.dot(dsl, tl.trans(kt), input_precision=PREC) * scale
@@ -438,7 +455,10 @@ if triton_available():
         return out.view(B, nh * dv, q.shape[3], q.shape[4]), lse
 
     def _launch_bwd(grad, q, k, v, rel_h, rel_w, out, lse, block_size, halo_size, stride, scale, q_chunk=None):
-        grid, meta, dims = _meta(q, k, v, block_size, halo_size, stride, q_chunk, max_tile=8192)
+        # 64 queries per program for H1's head dims <= 32 (dq kernel spill-free for dqk <= 16), 16 above: the
+        # bench_halo.py q_chunk sweep on an H100
+        max_tile = 16384 if q.shape[2] <= 32 else 4096
+        grid, meta, dims = _meta(q, k, v, block_size, halo_size, stride, q_chunk, max_tile=max_tile)
         B, nh, dqk = q.shape[:3]
         nhh, H, W, HQ, WQ, nbw, _, dv_ = dims
         go = grad.unflatten(1, (nh, v.shape[2]))  # any strides (e.g. a channels-last gradient)
