@@ -234,7 +234,9 @@ if triton_available():
         # per window row ky (column kx): (BQC, WK), then spread over the WP*WP positions: with one-hot matmuls
         # (ONEHOT: the forward, and windows narrower than 8), or broadcast through a (BQC, WP, WP) view (the dq
         # kernel: for H1 on sm_90 it then compiles to 247 registers and no spills with 64 queries per program,
-        # against 255 + 112 bytes of stack with the one-hot matmuls)
+        # against 255 + 112 bytes of stack with the one-hot matmuls). Windows narrower than 8 keep the one-hot
+        # matmuls in both kernels: with the view, a GPU run failed test_matches_reference's case whose window is
+        # 4 wide (WP=4, one query per block); not investigated further.
         wk = tl.arange(0, WK)  # WK = max(WP, 16) for tl.dot; rows >= WP match no position
         onehot_y = (ky[None, :] == wk[:, None]).to(q.dtype)  # (WK, WP*WP)
         onehot_x = (kx[None, :] == wk[:, None]).to(q.dtype)
