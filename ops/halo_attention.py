@@ -234,22 +234,20 @@ if triton_available():
         # per window row ky (column kx): (BQC, WK), then spread over the WP*WP positions: with one-hot matmuls
         # (ONEHOT: the forward, and windows narrower than 8), or broadcast through a (BQC, WP, WP) view (the dq
         # kernel: for H1 on sm_90 it then compiles to 247 registers and no spills with 64 queries per program,
-        # against 255 + 112 bytes of stack with the one-hot matmuls). Windows narrower than 8 keep the one-hot
-        # matmuls in both kernels: with the view, a GPU run failed test_matches_reference's case whose window is
-        # 4 wide (WP=4, one query per block); not investigated further.
-        wk = tl.arange(0, WK)  # WK = max(WP, 16) for tl.dot; rows >= WP match no position
-        onehot_y = (ky[None, :] == wk[:, None]).to(q.dtype)  # (WK, WP*WP)
-        onehot_x = (kx[None, :] == wk[:, None]).to(q.dtype)
+        # against 255 + 112 bytes of stack with the one-hot matmuls). The forward keeps the matmuls: with the view
+        # it measured 1.1x faster at H1's head dims <= 16 but 1.3-2.6x slower at three of its four 32-64 shapes
+        # (H100). Windows narrower than 8 keep the one-hot matmuls in both kernels: with the view, a GPU run
+        # failed test_matches_reference's case whose window is 4 wide (WP=4, one query per block); not
+        # investigated further.
+        w = tl.arange(0, WK if ONEHOT else WP)  # WK = max(WP, 16) for tl.dot; rows >= WP match no position
+        eh = tl.gather(ah, tl.minimum(tl.maximum(w[None, :] - qy[:, None] + WIN - 1, 0), RP - 1), axis=1)
+        ew = tl.gather(aw, tl.minimum(tl.maximum(w[None, :] - qx[:, None] + WIN - 1, 0), RP - 1), axis=1)
+        onehot_y = (ky[None, :] == w[:, None]).to(q.dtype)  # (WK, WP*WP) under ONEHOT, else unused
+        onehot_x = (kx[None, :] == w[:, None]).to(q.dtype)
         if ONEHOT:
-            eh = tl.gather(ah, tl.minimum(tl.maximum(wk[None, :] - qy[:, None] + WIN - 1, 0), RP - 1), axis=1)
-            ew = tl.gather(aw, tl.minimum(tl.maximum(wk[None, :] - qx[:, None] + WIN - 1, 0), RP - 1), axis=1)
             s += (tl.dot(eh.to(q.dtype), onehot_y, input_precision=PREC)
                   + tl.dot(ew.to(q.dtype), onehot_x, input_precision=PREC))
-        else:
-            w = tl.arange(0, WP)
-            eh = tl.gather(ah, tl.minimum(tl.maximum(w[None, :] - qy[:, None] + WIN - 1, 0), RP - 1), axis=1)
-            ew = tl.gather(aw, tl.minimum(tl.maximum(w[None, :] - qx[:, None] + WIN - 1, 0), RP - 1), axis=1)
-            # rounded to the input dtype as the one-hot matmul's operands are
+        else:  # rounded to the input dtype as the one-hot matmul's operands are
             s += tl.reshape(eh.to(q.dtype).to(tl.float32)[:, :, None] + ew.to(q.dtype).to(tl.float32)[:, None, :],
                             (BQC, WP * WP))
         s = tl.where(kvalid[None, :], s, float("-inf"))
