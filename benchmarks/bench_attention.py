@@ -83,7 +83,8 @@ def bench_na2d(bw, compile_ok):
     print_table(av_rows, COLS, "na2d_av (attn [B,G,H,W,k*k], value [B,G,H,W,D]), bf16")
     print_table(qk_rows, COLS, "na2d_qk with rpb (query/key [B,G,H,W,D]), bf16")
     print_table(chain_rows, ["shape", "ours f+b us", "ref f+b", "compile f+b", "flex f+b", "x ref", "x compile",
-                             "x flex", "flex rel err", "fused f+b us", "fused x flex", "fused rel err"],
+                             "x flex", "flex rel err", "fused f+b us", "fused x flex", "fused x ref", "fused x compile",
+                             "fused rel err"],
                 "na2d chain: softmax(q.k + rpb) -> aggregation, forward+backward, bf16 (ours: the unfused ops; "
                 "fused: ops.na2d_attention)")
 
@@ -137,6 +138,7 @@ def bench_chain(label, B, G, H, W, D, k, compile_ok):
     return {"shape": label, "ours f+b us": t, "ref f+b": tr, "compile f+b": tc, "flex f+b": tf, "x ref": tr / t,
             "x compile": tc / t if tc else None, "x flex": tf / t if tf else None, "flex rel err": err,
             "fused f+b us": tfu, "fused x flex": tf / tfu if tf else None,
+            "fused x ref": tr / tfu, "fused x compile": tc / tfu if tc else None,
             "fused rel err": rel_err(fused(*inputs), chain(*inputs, "reference"))}
 
 

@@ -5,7 +5,8 @@ Shapes: every distinct halo_attention call of halo_h1 (= timm halonet_h1) at 256
 fused kv conv output channels-last as the model produces them under channels-last (k and v are views). Tables: times
 in us (forward, and forward+backward), ours vs the eager reference and (forward+backward) torch.compile of the
 reference, achieved GB/s of the forward (q, k, v read once, output written once) as % of the copy bandwidth measured
-in the same run, and the relative error vs the reference. A second table sweeps the kernels' ``q_chunk`` knob
+in the same run, forward+backward replayed from a CUDA graph (GPU time, no host overhead) for ours and the
+reference, and the relative error vs the reference. A second table sweeps the kernels' ``q_chunk`` knob
 (queries per program; None: the default rule of ``_meta`` in ops/halo_attention.py). ``--model`` also times
 training steps of halo_h1 with METAMIXER_OPS_IMPL=triton vs =reference vs timm's halonet_h1 (256 input, batch 64,
 bf16 autocast, channels-last).
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (  # noqa: E402
-    copy_bandwidth_gbs, device_name, fwd_bwd, print_table, rel_err, time_ms, try_time_ms, us)
+    copy_bandwidth_gbs, device_name, fwd_bwd, graph_time_ms, print_table, rel_err, time_ms, try_time_ms, us)
 
 from ops.halo_attention import _launch_bwd, _launch_fwd, halo_attention, halo_attention_reference  # noqa: E402
 
@@ -83,11 +84,14 @@ def bench_op(bw, compile_ok, chunks=CHUNKS):
         g = torch.randn_like(ref(*inputs))
         tb, tbr = us(time_ms(fwd_bwd(ours, inputs, g))), us(time_ms(fwd_bwd(ref, inputs, g)))
         tbc = us(try_time_ms(fwd_bwd(comp, inputs, g))) if comp else None
+        # GPU time without host overhead (CUDA-graph replays): the wall f+b is host-bound at the small stages
+        tg, tgr = (us(graph_time_ms(fwd_bwd(f, inputs, g))) for f in (ours, ref))
         io_bytes = sum(x.numel() * x.element_size() for x in inputs[:2]) + g.numel() * g.element_size()
         gbs = io_bytes / (t * 1e-6) / 1e9
         rows.append({"shape": label, "fwd us": t, "ref fwd": tr, "x ref": tr / t, "GB/s": gbs,
                      "% copy bw": 100 * gbs / bw, "f+b us": tb, "ref f+b": tbr, "compile f+b": tbc,
-                     "x ref f+b": tbr / tb, "x compile f+b": tbc / tb if tbc else None, "rel err": err})
+                     "x ref f+b": tbr / tb, "x compile f+b": tbc / tb if tbc else None, "graph f+b": tg,
+                     "ref graph f+b": tgr, "x ref graph f+b": tgr / tg if tg and tgr else None, "rel err": err})
         print(rows[-1], flush=True)
 
         q, k, v = (x.detach() for x in _split(*inputs[:2], nh, dqk, dv))

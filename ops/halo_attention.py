@@ -232,12 +232,9 @@ if triton_available():
         ah = tl.dot(q, rht, input_precision=PREC)  # (BQC, RP)
         aw = tl.dot(q, rwt, input_precision=PREC)
         # per window row ky (column kx): (BQC, WK), then spread over the WP*WP positions: with one-hot matmuls
-        # (ONEHOT: the forward, and windows narrower than 8), or broadcast through a (BQC, WP, WP) view (the dq
-        # kernel: for H1 on sm_90 it then compiles to 247 registers and no spills with 64 queries per program,
-        # against 255 + 112 bytes of stack with the one-hot matmuls). The forward keeps the matmuls: with the view
-        # it measured 1.1x faster at H1's head dims <= 16 but 1.3-2.6x slower at three of its four 32-64 shapes
-        # (H100). Windows narrower than 8 keep the one-hot matmuls in both kernels: with the view, a GPU run
-        # failed test_matches_reference's case whose window is 4 wide (WP=4, one query per block); not
+        # (ONEHOT) or broadcast through a (BQC, WP, WP) view. The launchers choose per kernel from H100 timings
+        # (_launch_fwd, _launch_bwd). Windows narrower than 8 always take the one-hot matmuls: with the view, a GPU
+        # run failed test_matches_reference's case whose window is 4 wide (WP=4, one query per block); not
         # investigated further.
         w = tl.arange(0, WK if ONEHOT else WP)  # WK = max(WP, 16) for tl.dot; rows >= WP match no position
         eh = tl.gather(ah, tl.minimum(tl.maximum(w[None, :] - qy[:, None] + WIN - 1, 0), RP - 1), axis=1)
@@ -258,13 +255,13 @@ if triton_available():
                          sqb, sqh, sqd, sqy, sqx, skb, skh, skd, sky, skx, svb, svh, svd, svy, svx,
                          BS: tl.constexpr, BQ: tl.constexpr, HALO: tl.constexpr, WIN: tl.constexpr,
                          BQC: tl.constexpr, WP: tl.constexpr, WK: tl.constexpr, RP: tl.constexpr, DQP: tl.constexpr,
-                         BDV: tl.constexpr, PREC: tl.constexpr):
+                         BDV: tl.constexpr, PREC: tl.constexpr, ONEHOT: tl.constexpr):
         """Out (B, NH, DV, HQ, WQ) contiguous, Lse (B, NH, HQ, WQ) fp32: softmax over the whole window at once,
         then the probabilities times v, BDV value channels at a time."""
         pid_bh, pid_blk, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         q, kt, rht, rwt, s, bh, b, h, bi, bj, qy, qx, qmask, y, x, inimg, dq, dqm, r, _, _ = _halo_block(
             Q, K, RH, RW, pid_bh, pid_blk, pid_c, NH, H, W, NBW, DQK, scale,
-            sqb, sqh, sqd, sqy, sqx, skb, skh, skd, sky, skx, BS, BQ, HALO, WIN, BQC, WP, WK, RP, DQP, PREC, True)
+            sqb, sqh, sqd, sqy, sqx, skb, skh, skd, sky, skx, BS, BQ, HALO, WIN, BQC, WP, WK, RP, DQP, PREC, ONEHOT)
         m = tl.max(s, axis=1)
         e = tl.exp(s - m[:, None])
         denom = tl.sum(e, axis=1)
@@ -286,14 +283,14 @@ if triton_available():
                          sgb, sgh, sgd, sgy, sgx,
                          BS: tl.constexpr, BQ: tl.constexpr, HALO: tl.constexpr, WIN: tl.constexpr,
                          BQC: tl.constexpr, WP: tl.constexpr, WK: tl.constexpr, RP: tl.constexpr, DQP: tl.constexpr,
-                         BDV: tl.constexpr, PREC: tl.constexpr):
+                         BDV: tl.constexpr, PREC: tl.constexpr, ONEHOT: tl.constexpr):
         """Query-stationary half of the backward: recompute the block's probabilities from Lse; store DQ (like Q,
         contiguous), Delta = rowsum(dO * O) (fp32, like Lse; the key-stationary kernel reads it) and DR (fp32,
         (programs, 2, RP, DQP)) this program's relative-table grads."""
         pid_bh, pid_blk, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         block = _halo_block(Q, K, RH, RW, pid_bh, pid_blk, pid_c, NH, H, W, NBW, DQK, scale,
                             sqb, sqh, sqd, sqy, sqx, skb, skh, skd, sky, skx, BS, BQ, HALO, WIN, BQC, WP, WK, RP, DQP,
-                            PREC, WP < 8)
+                            PREC, ONEHOT)
         q, kt, rht, rwt, s, bh, b, h, bi, bj, qy, qx, qmask, y, x, inimg, dq, dqm, r, onehot_y, onehot_x = block
         dt = q.dtype
         pix = (bi * BQ + qy) * WQ + bj * BQ + qx
@@ -318,7 +315,7 @@ if triton_available():
         # relative logits: gradient per (query, ky) summed over kx, then moved to offset r = ky - qy + WIN - 1
         ky_r = r[None, :] + qy[:, None] - (WIN - 1)  # (BQC, RP): the ky that reads offset r
         kx_r = r[None, :] + qx[:, None] - (WIN - 1)
-        if WP < 8:
+        if ONEHOT:
             dsh = tl.dot(dsl, tl.trans(onehot_y), input_precision=PREC)  # (BQC, WK)
             dsw = tl.dot(dsl, tl.trans(onehot_x), input_precision=PREC)
         else:
@@ -382,44 +379,42 @@ if triton_available():
             for dj in tl.static_range(-NR, NR + 1):
                 ni = bi + di
                 nj = bj + dj
-                # window position of our keys inside the neighbour's window
-                ky = ty - di * BS + HALO
-                kx = tx - dj * BS + HALO
-                inwin = tmask & (ky >= 0) & (ky < WIN) & (kx >= 0) & (kx < WIN)
-                qi = ni + p * 0  # vectors: a scalar condition in a mask trips the interpreter
-                qj = nj + p * 0
-                qmask = pmask & (qi >= 0) & (qi < NBH) & (qj >= 0) & (qj < NBW)
-                qrow = ni * BQ + qy
-                qcol = nj * BQ + qx
-                q = tl.load(Q + b * sqb + h * sqh + (qrow * sqy + qcol * sqx)[:, None] + (dq * sqd)[None, :],
-                            mask=qmask[:, None] & dqm[None, :], other=0.0)  # (BQP, DQP)
-                pix = qrow * WQ + qcol
-                lse = tl.load(Lse + pid_bh * HQ * WQ + pix, mask=qmask, other=0.0)
-                delta = tl.load(Delta + pid_bh * HQ * WQ + pix, mask=qmask, other=0.0)
-                s = tl.dot(q, kt, input_precision=PREC) * scale  # (BQP, KBP)
-                ah = tl.dot(q, rht, input_precision=PREC)  # (BQP, RP)
-                aw = tl.dot(q, rwt, input_precision=PREC)
-                ih = tl.minimum(tl.maximum(ky[None, :] - qy[:, None] + WIN - 1, 0), RP - 1)
-                iw = tl.minimum(tl.maximum(kx[None, :] - qx[:, None] + WIN - 1, 0), RP - 1)
-                s += tl.gather(ah, ih, axis=1) + tl.gather(aw, iw, axis=1)
-                valid = qmask[:, None] & inwin[None, :]
-                prob = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-                g_ptr = GO + b * sgb + h * sgh + (qrow * sgy + qcol * sgx)[:, None]
-                v_ptr = V + b * svb + h * svh + (yk * svy + xk * svx)[None, :]
-                go = tl.load(g_ptr + (c_own * sgd)[None, :], mask=qmask[:, None] & c_own_m[None, :],
-                             other=0.0).to(q.dtype)
-                dv_acc += tl.dot(tl.trans(prob.to(q.dtype)), go, input_precision=PREC)
-                if pid_c == 0:  # dK (only the first value chunk's program): dp = dO v^T over all value channels
-                    dp = tl.zeros((BQP, KBP), dtype=tl.float32)
-                    for c0 in range(0, DV, BDV):
-                        c = c0 + tl.arange(0, BDV)
-                        cm = c < DV
-                        go = tl.load(g_ptr + (c * sgd)[None, :], mask=qmask[:, None] & cm[None, :],
-                                     other=0.0).to(q.dtype)
-                        vt = tl.load(v_ptr + (c * svd)[:, None], mask=cm[:, None] & tmask[None, :], other=0.0)
-                        dp += tl.dot(go, vt, input_precision=PREC)
-                    ds = (prob * (dp - delta[:, None])).to(q.dtype)
-                    dk_acc += tl.dot(tl.trans(ds), q, input_precision=PREC)
+                if (ni >= 0) & (ni < NBH) & (nj >= 0) & (nj < NBW):  # neighbours off the grid: nothing to add
+                    # window position of our keys inside the neighbour's window
+                    ky = ty - di * BS + HALO
+                    kx = tx - dj * BS + HALO
+                    inwin = tmask & (ky >= 0) & (ky < WIN) & (kx >= 0) & (kx < WIN)
+                    qrow = ni * BQ + qy
+                    qcol = nj * BQ + qx
+                    q = tl.load(Q + b * sqb + h * sqh + (qrow * sqy + qcol * sqx)[:, None] + (dq * sqd)[None, :],
+                                mask=pmask[:, None] & dqm[None, :], other=0.0)  # (BQP, DQP)
+                    pix = qrow * WQ + qcol
+                    lse = tl.load(Lse + pid_bh * HQ * WQ + pix, mask=pmask, other=0.0)
+                    delta = tl.load(Delta + pid_bh * HQ * WQ + pix, mask=pmask, other=0.0)
+                    s = tl.dot(q, kt, input_precision=PREC) * scale  # (BQP, KBP)
+                    ah = tl.dot(q, rht, input_precision=PREC)  # (BQP, RP)
+                    aw = tl.dot(q, rwt, input_precision=PREC)
+                    ih = tl.minimum(tl.maximum(ky[None, :] - qy[:, None] + WIN - 1, 0), RP - 1)
+                    iw = tl.minimum(tl.maximum(kx[None, :] - qx[:, None] + WIN - 1, 0), RP - 1)
+                    s += tl.gather(ah, ih, axis=1) + tl.gather(aw, iw, axis=1)
+                    valid = pmask[:, None] & inwin[None, :]
+                    prob = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+                    g_ptr = GO + b * sgb + h * sgh + (qrow * sgy + qcol * sgx)[:, None]
+                    v_ptr = V + b * svb + h * svh + (yk * svy + xk * svx)[None, :]
+                    go = tl.load(g_ptr + (c_own * sgd)[None, :], mask=pmask[:, None] & c_own_m[None, :],
+                                 other=0.0).to(q.dtype)
+                    dv_acc += tl.dot(tl.trans(prob.to(q.dtype)), go, input_precision=PREC)
+                    if pid_c == 0:  # dK (only the first value chunk's program): dp = dO v^T over all value channels
+                        dp = tl.zeros((BQP, KBP), dtype=tl.float32)
+                        for c0 in range(0, DV, BDV):
+                            c = c0 + tl.arange(0, BDV)
+                            cm = c < DV
+                            go = tl.load(g_ptr + (c * sgd)[None, :], mask=pmask[:, None] & cm[None, :],
+                                         other=0.0).to(q.dtype)
+                            vt = tl.load(v_ptr + (c * svd)[:, None], mask=cm[:, None] & tmask[None, :], other=0.0)
+                            dp += tl.dot(go, vt, input_precision=PREC)
+                        ds = (prob * (dp - delta[:, None])).to(q.dtype)
+                        dk_acc += tl.dot(tl.trans(ds), q, input_precision=PREC)
         pos = (yk * W + xk)[:, None]
         tl.store(DVg + pid_bh * DV * H * W + pos + (c_own * H * W)[None, :], dv_acc.to(DVg.dtype.element_ty),
                  mask=tmask[:, None] & c_own_m[None, :])
@@ -430,8 +425,10 @@ if triton_available():
     def _meta(q, k, v, block_size, halo_size, stride, q_chunk, max_tile):
         """Grid, compile-time constants and sizes. ``q_chunk``: queries per program (a power of two >= 16), a tuning
         knob for ``benchmarks/bench_halo.py``; None: as many as keep the logits tile at ``max_tile`` values (half
-        that for fp32), which kept the compiled kernels' register spills small (ptxas for sm_90, H1's shapes).
-        Smaller chunks need fewer registers, but the window is read, and in the backward added, once per chunk."""
+        that for fp32). Smaller chunks need fewer registers, but the window is read, and in the backward added,
+        once per chunk. Four warps per program: on an H100 at halo_h1's shapes they ran the forward 1.0-1.9x and
+        the dq kernel 1.2-3.3x faster than eight, although at four ptxas (sm_90) spills in the dq kernel (72-1504
+        bytes of stack; none at eight): 255 registers x 4 warps lets two programs share an SM."""
         B, nh, dqk, H, W = k.shape
         bq, win = block_size // stride, block_size + 2 * halo_size
         p2 = triton.next_power_of_2
@@ -441,7 +438,7 @@ if triton_available():
         meta = dict(BS=block_size, BQ=bq, HALO=halo_size, WIN=win, BQC=bqc, WP=wp, WK=max(16, wp),
                     RP=max(16, p2(2 * win - 1)),
                     DQP=max(16, p2(dqk)), BDV=min(64, max(16, p2(v.shape[2]))),
-                    PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if win > 8 else 4)
+                    PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
         grid = (B * nh, (H // block_size) * (W // block_size), triton.cdiv(bq * bq, bqc))
         return grid, meta, (nh, H, W, H // stride, W // stride, W // block_size, dqk, v.shape[2])
 
@@ -450,13 +447,17 @@ if triton_available():
         B, nh, dv = q.shape[0], q.shape[1], v.shape[2]
         out = q.new_empty(B, nh, dv, q.shape[3], q.shape[4])
         lse = q.new_empty(B, nh, q.shape[3], q.shape[4], dtype=torch.float32)
+        # relative logits: one-hot matmuls for head dims > 32, the (queries, WP, WP) view otherwise (H100, halo_h1's
+        # shapes, 4 warps: view 958 vs 1026 us at stage 1 (head dim 8); one-hot 53 vs 89 us at stage 4's first
+        # block (head dim 64))
+        meta["ONEHOT"] = meta["WP"] < 8 or dims[6] > 32
         _halo_fwd_kernel[grid](q, k, v, rel_h.contiguous(), rel_w.contiguous(), out, lse, *dims, scale,
                                *q.stride(), *k.stride(), *v.stride(), **meta)
         return out.view(B, nh * dv, q.shape[3], q.shape[4]), lse
 
     def _launch_bwd(grad, q, k, v, rel_h, rel_w, out, lse, block_size, halo_size, stride, scale, q_chunk=None):
-        # 64 queries per program for H1's head dims <= 32 (dq kernel spill-free for dqk <= 16), 16 above: the
-        # bench_halo.py q_chunk sweep on an H100
+        # 64 queries per program for H1's head dims <= 32, 16 above: the bench_halo.py q_chunk sweep on an H100
+        # (eight warps then; at four, 64 queries still beat 32 and 16 by 1.2-1.7x at stages 1-3)
         max_tile = 16384 if q.shape[2] <= 32 else 4096
         grid, meta, dims = _meta(q, k, v, block_size, halo_size, stride, q_chunk, max_tile=max_tile)
         B, nh, dqk = q.shape[:3]
@@ -468,7 +469,8 @@ if triton_available():
                          dtype=torch.float32)
         rel_h, rel_w = rel_h.contiguous(), rel_w.contiguous()
         strides = (*q.stride(), *k.stride(), *v.stride(), *go.stride())
-        _halo_bwd_dq_kernel[grid](q, k, v, rel_h, rel_w, out, lse, go, dq, delta, dr, *dims, scale, *strides, **meta)
+        _halo_bwd_dq_kernel[grid](q, k, v, rel_h, rel_w, out, lse, go, dq, delta, dr, *dims, scale, *strides,
+                                  ONEHOT=meta["WP"] < 8, **meta)
         drh, drw = (dr[:, i, :rel_h.shape[0], :dqk].sum(0).to(rel_h.dtype) for i in (0, 1))
         dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
         dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
