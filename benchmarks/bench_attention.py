@@ -47,16 +47,18 @@ def _row(label, ours, ref, comp, inputs, out_bytes, bw, fb_inputs):
     tbc = us(try_time_ms(fwd_bwd(comp, fb_inputs, g))) if comp else None
     # GPU time without host overhead (CUDA-graph replays; the wall f+b is host-bound at small shapes)
     tg, tgr = (us(graph_time_ms(fwd_bwd(f, fb_inputs, g))) for f in (ours, ref))
+    tgc = us(graph_time_ms(fwd_bwd(comp, fb_inputs, g))) if comp else None
     gbs = (sum(x.numel() * x.element_size() for x in inputs if torch.is_tensor(x)) + out_bytes) / (t * 1e-6) / 1e9
     return {"shape": label, "fwd us": t, "ref fwd": tr, "x ref": tr / t, "GB/s": gbs, "% copy bw": 100 * gbs / bw,
             "f+b us": tb, "ref f+b": tbr, "compile f+b": tbc, "x ref f+b": tbr / tb,
             "x compile f+b": tbc / tb if tbc else None, "graph f+b us": tg, "ref graph f+b": tgr,
-            "x ref graph f+b": tgr / tg if tg and tgr else None,
-            "rel err": rel_err(ours(*inputs), ref(*inputs))}
+            "x ref graph f+b": tgr / tg if tg and tgr else None, "compile graph f+b": tgc,
+            "x compile graph f+b": tgc / tg if tg and tgc else None, "rel err": rel_err(ours(*inputs), ref(*inputs))}
 
 
 COLS = ["shape", "fwd us", "ref fwd", "x ref", "GB/s", "% copy bw", "f+b us", "ref f+b",
-        "compile f+b", "x ref f+b", "x compile f+b", "graph f+b us", "ref graph f+b", "x ref graph f+b", "rel err"]
+        "compile f+b", "x ref f+b", "x compile f+b", "graph f+b us", "ref graph f+b", "x ref graph f+b", "compile graph f+b",
+        "x compile graph f+b", "rel err"]
 
 
 def bench_na2d(bw, compile_ok):
