@@ -426,9 +426,12 @@ if triton_available():
         """Grid, compile-time constants and sizes. ``q_chunk``: queries per program (a power of two >= 16), a tuning
         knob for ``benchmarks/bench_halo.py``; None: as many as keep the logits tile at ``max_tile`` values (half
         that for fp32). Smaller chunks need fewer registers, but the window is read, and in the backward added,
-        once per chunk. Four warps per program: on an H100 at halo_h1's shapes they ran the forward 1.0-1.9x and
-        the dq kernel 1.2-3.3x faster than eight, although at four ptxas (sm_90) spills in the dq kernel (72-1504
-        bytes of stack; none at eight): 255 registers x 4 warps lets two programs share an SM."""
+        once per chunk. Four warps per program for 16-bit inputs with head dims <= 64: on an H100 at halo_h1's
+        shapes (bf16, head dims 8-64) they ran the forward 1.0-1.9x and the dq kernel 1.2-3.3x faster than eight,
+        although at four ptxas (sm_90) spills in the dq kernel (72-1504 bytes of stack; none at eight): 255
+        registers x 4 warps lets two programs share an SM. Eight otherwise (windows wider than 8): at four, fp32
+        (head dim 32) compiles to 14.6 KB of stack in the forward (none at eight), bf16 head dim 128 to 472 bytes
+        (none at eight); neither was timed."""
         B, nh, dqk, H, W = k.shape
         bq, win = block_size // stride, block_size + 2 * halo_size
         p2 = triton.next_power_of_2
@@ -438,7 +441,8 @@ if triton_available():
         meta = dict(BS=block_size, BQ=bq, HALO=halo_size, WIN=win, BQC=bqc, WP=wp, WK=max(16, wp),
                     RP=max(16, p2(2 * win - 1)),
                     DQP=max(16, p2(dqk)), BDV=min(64, max(16, p2(v.shape[2]))),
-                    PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+                    PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                    num_warps=4 if win <= 8 or (q.element_size() == 2 and dqk <= 64) else 8)
         grid = (B * nh, (H // block_size) * (W // block_size), triton.cdiv(bq * bq, bqc))
         return grid, meta, (nh, H, W, H // stride, W // stride, W // block_size, dqk, v.shape[2])
 
