@@ -454,7 +454,7 @@ if triton_available():
         # relative logits: one-hot matmuls for head dims > 32, the (queries, WP, WP) view otherwise (H100, halo_h1's
         # shapes, 4 warps: view 958 vs 1026 us at stage 1 (head dim 8); one-hot 53 vs 89 us at stage 4's first
         # block (head dim 64))
-        meta["ONEHOT"] = meta["WP"] < 8 or dims[6] > 32
+        meta["ONEHOT"] = meta["WP"] < 8 or q.shape[2] > 32
         _halo_fwd_kernel[grid](q, k, v, rel_h.contiguous(), rel_w.contiguous(), out, lse, *dims, scale,
                                *q.stride(), *k.stride(), *v.stride(), **meta)
         return out.view(B, nh * dv, q.shape[3], q.shape[4]), lse
