@@ -1,8 +1,8 @@
 """Configuration exploration for the dwconv2d forward kernels (GPU), bf16 channels-last.
 
-PYTHONPATH=. python benchmarks/tune_dwconv.py [--quick]   -- prints us per (shape, kernel, config) and cuDNN's
-time, the numbers behind ``_seg_config`` / ``_blocks`` in ops/dwconv.py. Every config's output is checked against
-cuDNN first (a wrong config prints ERR).
+PYTHONPATH=. python benchmarks/tune_dwconv.py [--quick] -- prints us per (shape, kernel, config) and cuDNN's time,
+the numbers behind ``_row_config`` / ``_seg_config`` / ``_blocks`` in ops/dwconv.py. Every config's output is
+checked against cuDNN first (a wrong config prints ERR).
 """
 import os
 import sys
@@ -21,6 +21,7 @@ SHAPES = [(64, 64, 56, 56, 7, 1), (64, 64, 56, 56, 5, 1), (64, 64, 56, 56, 3, 1)
           (64, 256, 7, 7, 7, 3), (64, 192, 28, 28, 7, 1), (64, 384, 14, 14, 7, 1), (64, 32, 56, 56, 5, 1)]
 SEGS = [(7, 4, 8), (7, 2, 8), (7, 4, 4), (7, 2, 4), (8, 4, 4), (4, 4, 4)]
 # (pixels per thread, num_warps, channels per thread)
+ROWS = [(32, 1, 4), (32, 1, 2), (16, 1, 4), (32, 2, 2), (64, 2, 2)]  # whole-row: (BLOCK_C, num_warps, channels/thread)
 
 
 def main():
@@ -33,21 +34,22 @@ def main():
         ref = F.conv2d(x, w, None, 1, pad, dil, C)
         row = [f"cudnn {time_ms(lambda: F.conv2d(x, w, None, 1, pad, dil, C)) * 1e3:.1f}",
                f"tap {time_ms(lambda: D._launch_fwd(x, w, None, dil, seg_cfg=False)) * 1e3:.1f}"]
-        for seg, nw, vec in SEGS:
-            bc = min(64, C)
-            cfg = (seg, bc, nw, vec)
+        cfgs = [(f"seg{seg}/w{nw}/v{vec}", (seg, min(64, C), nw, vec)) for seg, nw, vec in SEGS]
+        cfgs += [(f"row{bc}/w{nw}/v{vec}", (bc, nw, vec)) for bc, nw, vec in ROWS if C % bc == 0]
+        for label, cfg in cfgs:
             try:
-                y = D._launch_seg(x, w, None, dil, False, cfg)
+                y = D._launch_fwd(x, w, None, dil, seg_cfg=cfg)
                 err = (y.float() - ref.float()).abs().max().item()
-                t = time_ms(lambda: D._launch_seg(x, w, None, dil, False, cfg)) * 1e3
-                row.append(f"seg{seg}/w{nw}/v{vec} {t:.1f}" + (" ERR" if err > 0.25 else ""))
+                t = time_ms(lambda: D._launch_fwd(x, w, None, dil, seg_cfg=cfg)) * 1e3
+                row.append(f"{label} {t:.1f}" + (" ERR" if err > 0.25 else ""))
             except Exception as e:  # a config that does not compile (e.g. registers) is reported, not fatal
-                row.append(f"seg{seg}/w{nw}/v{vec} fail {type(e).__name__}")
+                row.append(f"{label} fail {type(e).__name__}")
         g = torch.randn_like(x)
-        cfg = D._seg_config(x, k, dil)
+        cfg = D._row_config(x, k, dil) or D._seg_config(x, k, dil)
         row.append(f"weight grad: tap {time_ms(lambda: D._launch_bwd_w(x, g, k, dil, False, seg_cfg=False)) * 1e3:.1f}")
         if cfg:
-            row.append(f"seg {time_ms(lambda: D._launch_bwd_w(x, g, k, dil, False)) * 1e3:.1f}")
+            kind = "row" if len(cfg) == 3 else "seg"
+            row.append(f"{kind} {time_ms(lambda: D._launch_bwd_w(x, g, k, dil, False)) * 1e3:.1f}")
         print(f"B{B} C{C} {H}x{W} k{k} d{dil}: " + ", ".join(row), flush=True)
 
 

@@ -56,8 +56,9 @@ def lka(x: torch.Tensor, w5: torch.Tensor, b5: Optional[torch.Tensor], w7: torch
     """Dispatcher the models call: Triton on CUDA where available (see ``ops._dispatch``), else the reference."""
     supported = x.ndim == 4 and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
     # auto on CUDA: the reference's structure with each depthwise conv through the dwconv2d dispatcher (Triton for
-    # the dilated 7x7, where it measured 2-9x cuDNN; cuDNN for the 5x5). The fused gate GEMM path (impl='triton')
-    # measured slower than that at van_b0's shapes on an H100, so auto does not take it.
+    # the dilated 7x7 and for the 5x5 on maps up to 28 wide, cuDNN for the 5x5 at 56x56). The fused gate GEMM path
+    # (impl='triton') measured slower than that at van_b0's shapes on an H100 (session 6) and 1.0-1.16x faster in
+    # GPU time in session 9's probe: not enough to switch without a model-level measurement.
     if resolve_impl(impl, x, supported, preferred=False) == "reference":
         if resolve_impl(impl, x, supported) == "triton":  # auto on a CUDA tensor
             _check_shapes(x, w5, w7, w1)

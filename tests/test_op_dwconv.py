@@ -18,17 +18,24 @@ CASES = [  # B, C, H, W, k, dilation, channels_last, bias
     (1, 6, 13, 10, 7, 3, False, False),   # VAN's dilated 7x7 on a map smaller than its reach
     (2, 4, 6, 9, 5, 2, True, True),
     (1, 3, 17, 15, 13, 1, True, False),
-    (2, 40, 7, 7, 7, 3, True, True),      # small-map tiles (4x8 x 16 channels): whole tap rows/columns skipped
-    (1, 64, 5, 6, 5, 2, True, True),      # tiny-map tiles (2x4 x 64 channels)
-    (1, 24, 12, 13, 5, 4, True, False),   # 4x8 tiles, partial channel block, dead taps at the edges
+    (2, 36, 7, 7, 7, 3, True, True),      # small-map tiles (4x8 x 16 channels): whole tap rows/columns skipped
+    (1, 64, 5, 6, 3, 2, True, True),      # tiny-map tiles (2x4 x 64 channels)
+    (1, 20, 12, 13, 5, 4, True, False),   # 4x8 tiles, partial channel block, dead taps at the edges
 ]
-SEG_CASES = [  # channels-last, C a multiple of 8, 5x5..9x9: the row-segment kernel (partial pixel groups, residues)
-    (2, 24, 9, 11, 7, 1, True, True),
+SEG_CASES = [  # channels-last, C a multiple of 8, 5x5..9x9, wide maps: the row-segment kernels (partial pixel groups)
+    (2, 24, 5, 31, 7, 1, True, True),
+    (1, 16, 4, 59, 7, 3, True, False),    # residues modulo the dilation
+    (1, 40, 3, 58, 5, 2, True, True),
+    (1, 64, 3, 29, 9, 1, True, True),
+]
+ROW_CASES = [  # channels-last, C a multiple of 8, k >= 5, narrow maps: the whole-row kernels
+    (2, 24, 9, 11, 7, 1, True, True),     # 16 images per block: a partial image block
     (1, 16, 9, 22, 7, 3, True, False),
-    (2, 40, 6, 15, 5, 2, True, True),
-    (1, 64, 9, 15, 9, 1, True, True),
+    (3, 40, 7, 7, 7, 3, True, True),      # VAN's dilated 7x7 on a map smaller than its reach; 8-channel blocks
+    (2, 32, 6, 33, 5, 2, True, True),     # dilated, 29-56 wide: two warps, two channels per thread
+    (1, 64, 5, 13, 9, 1, True, False),
 ]
-CASES += SEG_CASES
+CASES += SEG_CASES + ROW_CASES
 
 
 def _grads(out, inputs, g):
@@ -58,8 +65,16 @@ def test_triton_matches_reference(B, C, H, W, k, dil, cl, bias):
 def test_row_segment_kernel_takes_these_shapes(B, C, H, W, k, dil, cl, bias):
     from ops import dwconv as D
     x = torch.empty(B, C, H, W, device=DEVICE).to(memory_format=torch.channels_last)
-    assert D._seg_config(x, k, dil) is not None  # so test_triton_matches_reference covers that kernel
+    assert D._row_config(x, k, dil) is None and D._seg_config(x, k, dil) is not None  # so the tests above cover it
     assert D._seg_config(x.contiguous(), k, dil) is None  # NCHW: the tap-loop kernel
+
+
+@pytest.mark.parametrize("B,C,H,W,k,dil,cl,bias", ROW_CASES)
+def test_whole_row_kernel_takes_these_shapes(B, C, H, W, k, dil, cl, bias):
+    from ops import dwconv as D
+    x = torch.empty(B, C, H, W, device=DEVICE).to(memory_format=torch.channels_last)
+    assert D._row_config(x, k, dil) is not None  # so test_triton_matches_reference covers that kernel
+    assert D._row_config(x.contiguous(), k, dil) is None
 
 
 @pytest.mark.parametrize("B,C,m,H,W,k,s,dil,cl", [
