@@ -453,7 +453,7 @@ def dwconv_segw_kernel(X, GY, Part, C, H, W, NG, M, ITERS, sxb, sxh, sxw, sgb, s
             add(f"        col = base + {dil * p}")
             add(f"        g{p} = tl.load(gr + (col * sgw)[:, None], mask=(mv & (col < W))[:, None] & cm, other=0.0)"
                 ".to(tl.float32)")
-            add(f"        if NEED_B:")
+            add("        if NEED_B:")
             add(f"            acc{k} += g{p}")
         for q in range(seg + k - 1):
             add(f"        col = base + {dil * (q - hk)}")
