@@ -33,20 +33,20 @@ def main():
         pad = dil * (k - 1) // 2
         ref = F.conv2d(x, w, None, 1, pad, dil, C)
         row = [f"cudnn {time_ms(lambda: F.conv2d(x, w, None, 1, pad, dil, C)) * 1e3:.1f}",
-               f"tap {time_ms(lambda: D._launch_fwd(x, w, None, dil, seg_cfg=False)) * 1e3:.1f}"]
+               f"tap {time_ms(lambda: D._launch_fwd(x, w, None, dil, cfg=False)) * 1e3:.1f}"]
         cfgs = [(f"seg{seg}/w{nw}/v{vec}", (seg, min(64, C), nw, vec)) for seg, nw, vec in SEGS]
         cfgs += [(f"row{bc}/w{nw}/v{vec}", (bc, nw, vec)) for bc, nw, vec in ROWS if C % bc == 0]
         for label, cfg in cfgs:
             try:
-                y = D._launch_fwd(x, w, None, dil, seg_cfg=cfg)
+                y = D._launch_fwd(x, w, None, dil, cfg=cfg)
                 err = (y.float() - ref.float()).abs().max().item()
-                t = time_ms(lambda: D._launch_fwd(x, w, None, dil, seg_cfg=cfg)) * 1e3
+                t = time_ms(lambda: D._launch_fwd(x, w, None, dil, cfg=cfg)) * 1e3
                 row.append(f"{label} {t:.1f}" + (" ERR" if err > 0.25 else ""))
             except Exception as e:  # a config that does not compile (e.g. registers) is reported, not fatal
                 row.append(f"{label} fail {type(e).__name__}")
         g = torch.randn_like(x)
         cfg = D._row_config(x, k, dil) or D._seg_config(x, k, dil)
-        row.append(f"weight grad: tap {time_ms(lambda: D._launch_bwd_w(x, g, k, dil, False, seg_cfg=False)) * 1e3:.1f}")
+        row.append(f"weight grad: tap {time_ms(lambda: D._launch_bwd_w(x, g, k, dil, False, cfg=False)) * 1e3:.1f}")
         if cfg:
             kind = "row" if len(cfg) == 3 else "seg"
             row.append(f"{kind} {time_ms(lambda: D._launch_bwd_w(x, g, k, dil, False)) * 1e3:.1f}")

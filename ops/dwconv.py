@@ -569,15 +569,17 @@ def dwconv_roww_kernel(X, GY, Part, B, C, H, NH, ITERS, sxb, sxh, sxw, sgb, sgh,
         bc = next(c for c in (32, 16, 8) if C % c == 0)
         return (bc, 1, 4) if W <= ROW_MAX_W else (bc, 2, 2)
 
+    def _kernel_config(x: torch.Tensor, k: int, dil: int, cfg):
+        """``cfg`` when given (a config to force: a 3-tuple for the whole-row kernels, a 4-tuple for the
+        row-segment ones, False for the tap-loop/tap-stationary ones), else ``_row_config``'s, else
+        ``_seg_config``'s (None: the tap kernels)."""
+        return (_row_config(x, k, dil) or _seg_config(x, k, dil)) if cfg is None else cfg
+
     def _launch_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], dil: int,
-                    flip: bool = False, seg_cfg=None) -> torch.Tensor:
-        """Forward (or, with ``flip``, the input gradient): the whole-row kernel where ``_row_config`` gives one,
-        else the row-segment kernel where ``_seg_config`` does (``seg_cfg``: a config to force, a 3-tuple for the
-        whole-row kernel, False for the tap-loop kernel), else the tap-loop kernel."""
+                    flip: bool = False, cfg=None) -> torch.Tensor:
+        """Forward (or, with ``flip``, the input gradient) on the kernel ``_kernel_config`` picks."""
         k = w.shape[-1]
-        if seg_cfg is None:
-            seg_cfg = _row_config(x, k, dil) or _seg_config(x, k, dil)
-        cfg = seg_cfg
+        cfg = _kernel_config(x, k, dil, cfg)
         if cfg and len(cfg) == 3:
             return _launch_row(x, w, b, dil, flip, cfg)
         if cfg:
@@ -598,12 +600,10 @@ def dwconv_roww_kernel(X, GY, Part, B, C, H, NH, ITERS, sxb, sxh, sxw, sgb, sgh,
             bc //= 2
         return kkp, bc, 8 if kkp * bc > 4096 else 4
 
-    def _launch_bwd_w(x: torch.Tensor, grad: torch.Tensor, k: int, dil: int, need_b: bool, seg_cfg=None):
-        """((C, k, k) weight-gradient sums, (C,) bias-gradient sums or None), fp32: the whole-row or row-segment
-        kernel where the forward takes it (``seg_cfg`` as in ``_launch_fwd``), else the tap-stationary kernel."""
-        if seg_cfg is None:
-            seg_cfg = _row_config(x, k, dil) or _seg_config(x, k, dil)
-        cfg = seg_cfg
+    def _launch_bwd_w(x: torch.Tensor, grad: torch.Tensor, k: int, dil: int, need_b: bool, cfg=None):
+        """((C, k, k) weight-gradient sums, (C,) bias-gradient sums or None), fp32, on the kernel
+        ``_kernel_config`` picks (the forward's family; the tap-stationary kernel for the tap loop)."""
+        cfg = _kernel_config(x, k, dil, cfg)
         if cfg and len(cfg) == 3:
             return _launch_roww(x, grad, k, dil, need_b, cfg)
         if cfg:

@@ -101,6 +101,20 @@ def test_strided_and_multiplier_convs_match_reference(B, C, m, H, W, k, s, dil, 
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_auto_prefers_triton_where_measured_faster(monkeypatch):
+    """auto's choice (the ``preferred`` flag the dispatcher hands to resolve_impl): plain 7x7 convs on channels-last
+    maps up to 28 wide (the whole-row kernels), not on wider maps or NCHW; dilated convs everywhere."""
+    from ops import dwconv as D
+    seen = []
+    monkeypatch.setattr(D, "resolve_impl", lambda impl, x, supported=True, preferred=True:
+                        seen.append(preferred) or "reference")
+    w7 = torch.randn(16, 1, 7, 7)
+    for H, cl, dil in [(14, True, 1), (56, True, 1), (14, False, 1), (56, False, 3)]:
+        x = torch.randn(1, 16, H, H)
+        dwconv2d(x.to(memory_format=torch.channels_last) if cl else x, w7, None, 1, 3 * dil, dil)
+    assert seen == [True, False, False, True]
+
+
 def test_module_rejects_wrong_channel_count():
     from ops import DWConv2d
     conv = DWConv2d(8, 7, stride=2, out_dim=16)  # 16 weights would also fit a 4- or 16-channel input
