@@ -1,16 +1,29 @@
-"""Model throughput: images/s for inference and for a training step, Triton ops vs the reference ops.
+"""Model throughput against what a user would run instead: images/s for a training step and for inference, and the
+training step's peak memory, for each of
 
-Run on a GPU:  PYTHONPATH=. python benchmarks/bench_models.py van_b0 ffnet_t [--batch 128]
-bf16 autocast, channels-last. The ops path is switched with METAMIXER_OPS_IMPL (reference | auto); where timm
-has the same architecture a `timm:<name>` entry times timm's model for comparison.
+  ref          the reference ops (plain PyTorch, cuDNN), eager
+  ref+compile  the reference ops under ``torch.compile(model)``
+  hub          the hub's ops (``METAMIXER_OPS_IMPL=auto``), eager
+  hub+compile  the hub's ops under ``torch.compile(model)``
+  timm         timm's own model of the same architecture, eager, where timm has it
+  timm+compile timm's model under ``torch.compile``
+  ...-cg       the same under ``torch.compile(model, mode="reduce-overhead")`` (CUDA graphs)
+
+Run on a GPU:  PYTHONPATH=. python benchmarks/bench_models.py ffnet_t van_b0 --batch 128 256
+bf16 autocast, channels-last, ``torch.backends.cudnn.benchmark = True`` (as conf/trainer/gpu.yaml trains), a
+plain SGD step. Compilation runs before timing and is reported in seconds, not timed. Times are medians of CUDA
+events over about a second of repeats (``triton.testing.do_bench``).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import device_name, print_table, time_ms  # noqa: E402
@@ -19,49 +32,83 @@ import timm  # noqa: E402
 
 import backbones  # noqa: E402,F401
 
+# hub name -> timm's model of the same architecture (timm registers DaViT and HaloNet itself)
+TIMM_PEERS = {"davit_t": "davit_tiny", "halo_h1": "halonet_h1"}
+MODES = ("ref", "ref+compile", "hub", "hub+compile", "timm", "timm+compile", "ref+compile-cg", "hub+compile-cg",
+         "timm+compile-cg")
 
-def throughput(name: str, batch: int, size: int, impl: str, profile: bool = False):
-    os.environ["METAMIXER_OPS_IMPL"] = impl
-    model = timm.create_model(name.removeprefix("timm:"), num_classes=1000).cuda().to(memory_format=torch.channels_last)
+
+def _logits(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def measure(name: str, mode: str, batch: int, size: int, rep_ms: int = 1500, profile: bool = False) -> dict:
+    """Train and inference img/s, peak training memory and compile seconds of one model in one mode."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    os.environ["METAMIXER_OPS_IMPL"] = "reference" if mode.startswith("ref") else "auto"
+    arch = TIMM_PEERS[name] if mode.startswith("timm") else name
+    model = timm.create_model(arch, num_classes=1000).cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    graphs = mode.endswith("-cg")
+    fwd = torch.compile(model, mode="reduce-overhead" if graphs else None) if "+compile" in mode else model
     x = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device="cuda")
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def infer():
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-            model(x)
 
     def train():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", torch.bfloat16):
-            out = model(x)
-            out = out["main"] if isinstance(out, dict) else out[0] if isinstance(out, (tuple, list)) else out
-            loss = torch.nn.functional.cross_entropy(out.float(), y)
+            loss = F.cross_entropy(_logits(fwd(x)).float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    # seconds of repeats: a step takes 30-200 ms at batch 256, and a median of one or two samples once read an
-    # inference 2.8x slower than the same model measured again (msmlp_t, 2026-11-24)
-    model.eval()
-    t_inf = time_ms(infer, warmup=200, rep=1500)
+    def infer():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            fwd(x)
+
+    row = {}
     model.train()
-    t_train = time_ms(train, warmup=200, rep=1500)
-    if profile:  # where a training step's GPU time goes, by kernel
-        from torch.profiler import ProfilerActivity
-        with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+    t0 = time.perf_counter()
+    train()  # compiles (compiled modes) and lets cuDNN pick its algorithms
+    torch.cuda.synchronize()
+    row["compile s"] = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    row["train"] = batch / time_ms(train, warmup=200, rep=rep_ms) * 1e3
+    row["peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    model.eval()
+    infer()
+    row["infer"] = batch / time_ms(infer, warmup=200, rep=rep_ms) * 1e3
+    if profile:  # where a training step's time goes, by kernel
+        model.train()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as p:
             for _ in range(3):
                 train()
             torch.cuda.synchronize()
-        print(f"\n{name} ({impl}), 3 training steps:")
-        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
-    del model, opt
+        print(f"\n{name} ({mode}), 3 training steps:")
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=80))
+    if mode.startswith("hub"):
+        from ops._dispatch import _CHOSEN
+        picks = {}
+        for (op, _), impl in _CHOSEN.items():
+            picks[f"{op}:{impl}"] = picks.get(f"{op}:{impl}", 0) + 1
+        print(f"  {name} {mode}: auto's measured choices (op:path: signatures) {picks}", flush=True)
+        _CHOSEN.clear()
+    if "+compile" in mode:
+        row["graph breaks"] = sum(counters["graph_break"].values())
+    del model, opt, fwd
     torch.cuda.empty_cache()
-    return batch / t_inf * 1e3, batch / t_train * 1e3
+    return row
 
 
 def _size(name: str, size: int) -> int:
     """``size``, or the model's own pretrained input size where its layout needs a multiple it is not."""
-    own = timm.get_pretrained_cfg(name.removeprefix("timm:")).input_size[-1]
+    own = timm.get_pretrained_cfg(name).input_size[-1]
     mult = 256 if "halo" in name else 1  # HaloNet: every halo-attention map a multiple of its block size
     return size if size % mult == 0 else own
 
@@ -69,39 +116,54 @@ def _size(name: str, size: int) -> int:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="+")
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, nargs="+", default=[128])
     ap.add_argument("--size", type=int, default=224, help="input size; models that cannot take it use their "
-                    "pretrained_cfg input size (e.g. HaloNet at 256)")
-    ap.add_argument("--impl", choices=["auto", "triton"], default="auto",
-                    help="the 'triton' columns: auto (the dispatchers' choice) or every op with a kernel forced")
-    ap.add_argument("--profile", action="store_true", help="print the kernels of the Triton path's training step")
-    ap.add_argument("--cudnn-benchmark", action="store_true",
-                    help="let cuDNN time its algorithms (conf/trainer/gpu.yaml's benchmark: true), both paths")
+                    "pretrained_cfg input size (HaloNet at 256)")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--rep-ms", type=int, default=1500, help="milliseconds of timed repeats per cell")
+    ap.add_argument("--profile", nargs="*", default=[], choices=MODES, help="print a by-kernel profile of these modes")
+    ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    print(f"ops path '{args.impl}' vs 'reference'")
-    print(f"device: {device_name()}; batch {args.batch}, {args.size}x{args.size}, bf16 autocast, channels-last, "
-          f"cudnn.benchmark={args.cudnn_benchmark}")
+    torch.backends.cudnn.benchmark = True
+    print(f"device: {device_name()}, Triton {getattr(sys.modules.get('triton'), '__version__', '-')}, "
+          f"timm {timm.__version__}; bf16 autocast, channels-last, cudnn.benchmark=True, SGD step", flush=True)
     rows = []
-    for name in args.models:
-        size = _size(name, args.size)
-        try:
-            if name.startswith("timm:"):
-                inf, tr = throughput(name, args.batch, size, "reference")
-                row = {"model": name, "size": size, "infer img/s": inf, "train img/s": tr}
-            else:
-                ref_inf, ref_tr = throughput(name, args.batch, size, "reference")
-                tri_inf, tri_tr = throughput(name, args.batch, size, args.impl, args.profile)
-                row = {"model": name, "size": size, "ref infer img/s": ref_inf, "triton infer img/s": tri_inf,
-                       "x infer": tri_inf / ref_inf, "ref train img/s": ref_tr, "triton train img/s": tri_tr,
-                       "x train": tri_tr / ref_tr}
-        except Exception as e:  # one model failing must not lose the others' rows
-            row = {"model": f"{name} FAILED: {type(e).__name__}: {e}"[:120], "size": size}
-        print(row, flush=True)
-        rows.append(row)
-    cols = ["model", "size", "ref infer img/s", "triton infer img/s", "x infer", "ref train img/s", "triton train img/s",
-            "x train", "infer img/s", "train img/s"]
-    print_table(rows, [c for c in cols if any(c in r for r in rows)], "model throughput")
+    for batch in args.batch:
+        for name in args.models:
+            size = _size(name, args.size)
+            row = {"model": name, "batch": batch, "size": size}
+            for mode in args.modes:
+                if mode.startswith("timm") and name not in TIMM_PEERS:
+                    continue
+                try:
+                    r = measure(name, mode, batch, size, args.rep_ms, mode in args.profile)
+                except Exception as e:  # one cell failing must not lose the others
+                    print(f"{name} {mode} batch {batch} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                print(name, mode, batch, {k: round(v, 2) for k, v in r.items()}, flush=True)
+                for k, v in r.items():
+                    row[f"{mode} {k}"] = v
+            rows.append(row)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
+    for kind in ("train", "infer"):
+        table = []
+        for r in rows:
+            t = {"model": r["model"], "batch": r["batch"]}
+            best_peer = max((r.get(f"{m} {kind}") or 0) for m in MODES if not m.startswith("hub"))
+            best_hub = max((r.get(f"{m} {kind}") or 0) for m in MODES if m.startswith("hub"))
+            for m in args.modes:
+                t[m] = r.get(f"{m} {kind}")
+            t["hub best / ref+compile"] = best_hub / r["ref+compile " + kind] if r.get("ref+compile " + kind) else None
+            t["hub best / best peer"] = best_hub / best_peer if best_peer else None
+            if kind == "train":
+                t["peak GiB ref / hub"] = (f"{r.get('ref peak GiB', 0):.2f} / {r.get('hub peak GiB', 0):.2f}")
+            table.append(t)
+        cols = ["model", "batch", *args.modes, "hub best / ref+compile", "hub best / best peer"]
+        if kind == "train":
+            cols.append("peak GiB ref / hub")
+        print_table(table, cols, f"{kind} img/s")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import interpreting, resolve_impl, triton_available
+from ._dispatch import interpreting, resolve_impl, triton_available, register_op
 
 __all__ = ["aggregated_attention", "aggregated_attention_reference", "window_valid_mask"]
 
@@ -156,7 +156,9 @@ def aggregated_attention(
     torch.compile.
     """
     supported = _triton_supported(q, k, v, k_pool, v_pool, pool_bias, size, window_size, attn_drop)
-    if resolve_impl(impl, q, supported) == "reference":
+    args = (q, k, v, k_pool, v_pool, temperature, query_embedding, rpb_local, pool_bias, learnable_tokens,
+            learnable_bias, size, window_size, attn_drop)
+    if resolve_impl(impl, q, supported, op="aggregated_attention", args=args) == "reference":
         return aggregated_attention_reference(
             q, k, v, k_pool, v_pool, temperature, query_embedding, rpb_local, pool_bias,
             learnable_tokens, learnable_bias, size, window_size, attn_drop)
@@ -535,3 +537,5 @@ if triton_available():
         @staticmethod
         def backward(ctx, grad):
             return (*_launch_bwd(grad, *ctx.saved_tensors, *ctx.size_args), None, None, None)
+
+register_op("aggregated_attention", aggregated_attention)

@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ops._dispatch import resolve_impl, triton_available
+from ops._dispatch import resolve_impl, triton_available, register_op
 
 __all__ = ["channel_attention", "channel_attention_reference"]
 
@@ -68,7 +68,8 @@ def channel_attention(qkv: torch.Tensor, num_heads: int, version: int = 1, impl:
     fp32/fp16/bf16): davit_t trains and infers 1.1x faster than on the reference (benchmarks/bench_models.py,
     H100, bf16, batch 256; at the op level forward+backward measured 0.7-0.9x the reference at batch 64, where
     the Python/launch overhead of the small ops dominates)."""
-    if resolve_impl(impl, qkv, _triton_supported(qkv, num_heads, version)) == "reference":
+    if resolve_impl(impl, qkv, _triton_supported(qkv, num_heads, version),
+                    op="channel_attention", args=(qkv, num_heads, version)) == "reference":
         return channel_attention_reference(qkv, num_heads, version)
     if torch.is_autocast_enabled(qkv.device.type):  # the reference's matmuls would run in the autocast dtype
         qkv = qkv.to(torch.get_autocast_dtype(qkv.device.type))
@@ -287,3 +288,5 @@ if triton_available():
         return _channel_attention_bwd_op(grad, qkv, attn, ctx.num_heads, ctx.version), None, None
 
     _channel_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+register_op("channel_attention", channel_attention)

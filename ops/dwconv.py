@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._dispatch import resolve_impl, triton_available
+from ._dispatch import resolve_impl, triton_available, register_op
 
 __all__ = ["dwconv2d", "dwconv2d_reference", "DWConv2d"]
 
@@ -101,7 +101,8 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     # kernels; strided or channel-multiplier convs on channels-last inputs; the narrow maps of the whole-row kernels
     preferred = (_pair(dilation)[0] > 1 or weight.shape[-1] >= 9 or ((s > 1 or m > 1) and x.stride(1) == 1)
                  or (supported and triton_available() and _row_config(x, weight.shape[-1], 1) is not None))
-    if resolve_impl(impl, x, supported, preferred) == "reference":
+    if resolve_impl(impl, x, supported, preferred,
+                    op="dwconv2d", args=(x, weight, bias, stride, padding, dilation)) == "reference":
         return dwconv2d_reference(x, weight, bias, stride, padding, dilation)
     if s > 1 or m > 1:
         return _strided_or_multiplied(x, weight, bias, s, padding, dilation)
@@ -692,3 +693,5 @@ def dwconv_roww_kernel(X, GY, Part, B, C, H, NH, ITERS, sxb, sxh, sxw, sgb, sgh,
         @staticmethod
         def backward(ctx, grad):
             return _grads(_dwconv2d_bwd_impl, ctx, grad)
+
+register_op("dwconv2d", dwconv2d)

@@ -57,7 +57,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import resolve_impl, triton_available
+from ._dispatch import resolve_impl, triton_available, register_op
 
 __all__ = ["halo_attention", "halo_attention_explicit", "halo_attention_reference"]
 
@@ -173,7 +173,9 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tensors = (q, k, v, rel_pos_h, rel_pos_w)
     dt = _kernel_dtype(q)
     supported = _triton_supported(dt, tensors, q.shape[2], block_size, halo_size)
-    if resolve_impl(impl, q, supported=supported) == "reference":
+    if resolve_impl(impl, q, supported,
+                    op="halo_attention", args=(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_size, stride,
+                                             scale)) == "reference":
         return halo_attention_reference(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_size, stride, scale)
     _check_args(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_size, stride)
     scale = float(q.shape[2] ** -0.5 if scale is None else scale)
@@ -538,3 +540,5 @@ if triton_available():
             q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
             grads = _launch_bwd(grad, q, k, v, rel_h, rel_w, out, lse, *ctx.args)
             return (*grads, None, None, None, None)
+
+register_op("halo_attention", halo_attention)

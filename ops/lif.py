@@ -51,7 +51,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ._dispatch import interpreting, resolve_impl, triton_available
+from ._dispatch import interpreting, resolve_impl, triton_available, register_op
 
 __all__ = ["lif_multistep", "lif_multistep_reference", "MultiStepLIF", "sigmoid_surrogate_spike"]
 
@@ -117,7 +117,9 @@ def lif_multistep(x_seq: torch.Tensor, tau: float = 2.0, v_threshold: float = 1.
                   impl: Optional[str] = None) -> torch.Tensor:
     """Dispatcher: the Triton kernels on CUDA for fp32/bf16/fp16 (see the module docstring), else the reference."""
     supported = x_seq.dtype in _TRITON_DTYPES and x_seq.ndim >= 1 and x_seq.numel() > 0
-    if resolve_impl(impl, x_seq, supported) == "reference":
+    if resolve_impl(impl, x_seq, supported,
+                    op="lif_multistep", args=(x_seq, tau, v_threshold, v_reset, detach_reset, decay_input,
+                                              alpha)) == "reference":
         return lif_multistep_reference(x_seq, tau, v_threshold, v_reset, detach_reset, decay_input, alpha)
     x = _time_major(x_seq)
     args = (float(tau), float(v_threshold), None if v_reset is None else float(v_reset), bool(detach_reset),
@@ -313,3 +315,5 @@ if triton_available():
         def backward(ctx, grad_s):
             (z,) = ctx.saved_tensors
             return (lif_backward_triton(grad_s, z, *ctx.params, grad_s.dtype),) + (None,) * 6
+
+register_op("lif_multistep", lif_multistep)

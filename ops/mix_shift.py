@@ -60,7 +60,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._dispatch import resolve_impl, triton_available
+from ._dispatch import resolve_impl, triton_available, register_op
 from .dwconv import dwconv2d_reference, seg_outputs
 
 __all__ = ["mix_shift", "mix_shift_reference", "mix_shift_chunk_sizes"]
@@ -125,7 +125,8 @@ def mix_shift(x: torch.Tensor, weights: Sequence[Sequence[torch.Tensor]],
     sizes = _check_args(x, weights, biases, shifts)
     # auto takes the kernels on CUDA: msmlp_t trains 1.7x / infers 1.9x faster than on the reference
     # (benchmarks/bench_models.py, H100, bf16, batch 256, 2026-11-24; row-segment kernels)
-    if resolve_impl(impl, x, _triton_supported(x, weights, sizes)) == "reference":
+    if resolve_impl(impl, x, _triton_supported(x, weights, sizes),
+                    op="mix_shift", args=(x, weights, biases, shifts)) == "reference":
         return mix_shift_reference(x, weights, biases, shifts)
     if torch.is_autocast_enabled(x.device.type):  # match F.conv2d's autocast behaviour
         dt = torch.get_autocast_dtype(x.device.type)
@@ -784,3 +785,5 @@ def {name}({signature}, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         return _grads(torch.ops.metamixer.mix_shift_backward, ctx, grad)
 
     _mix_shift_op.register_autograd(_backward, setup_context=_setup_context)
+
+register_op("mix_shift", mix_shift)

@@ -45,7 +45,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._dispatch import resolve_impl, triton_available
+from ._dispatch import resolve_impl, triton_available, register_op
 
 __all__ = ["na2d_qk", "na2d_qk_reference", "na2d_av", "na2d_av_reference", "na2d_rpb", "window_start"]
 
@@ -153,7 +153,8 @@ def na2d_qk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: 
             rpb: Optional[torch.Tensor] = None, impl: Optional[str] = None) -> torch.Tensor:
     """Dispatcher for :func:`na2d_qk_reference`: the Triton kernels on CUDA (fp32/fp16/bf16), else the reference."""
     per_head_rpb = rpb is None or (rpb.ndim == 3 and rpb.shape[0] == query.shape[1])  # the kernel does not broadcast
-    if resolve_impl(impl, query, _triton_supported(query, key) and per_head_rpb) == "reference":
+    if resolve_impl(impl, query, _triton_supported(query, key) and per_head_rpb,
+                    op="na2d_qk", args=(query, key, kernel_size, dilation, rpb)) == "reference":
         return na2d_qk_reference(query, key, kernel_size, dilation, rpb)
     _check(query, key, "na2d_qk")
     if key.shape != query.shape:
@@ -173,7 +174,8 @@ def na2d_qk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: 
 def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation: int = 1,
             impl: Optional[str] = None) -> torch.Tensor:
     """Dispatcher for :func:`na2d_av_reference`: the Triton kernels on CUDA (fp32/fp16/bf16), else the reference."""
-    if resolve_impl(impl, value, _triton_supported(value, attn)) == "reference":
+    if resolve_impl(impl, value, _triton_supported(value, attn),
+                    op="na2d_av", args=(attn, value, kernel_size, dilation)) == "reference":
         return na2d_av_reference(attn, value, kernel_size, dilation)
     _check(value, attn, "na2d_av")
     if attn.shape[-1] != kernel_size * kernel_size:
@@ -453,3 +455,6 @@ if triton_available():
             ga = _launch_dot(grad, value, None, k, dil) if ctx.needs_input_grad[0] else None
             gv = _launch_inv(attn, grad, k, dil) if ctx.needs_input_grad[1] else None
             return ga, gv, None, None
+
+register_op("na2d_qk", na2d_qk)
+register_op("na2d_av", na2d_av)

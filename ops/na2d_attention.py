@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._dispatch import interpreting, resolve_impl, triton_available
+from ._dispatch import interpreting, resolve_impl, triton_available, register_op
 from .na2d import _check_window, na2d_av_reference, na2d_qk_reference
 
 __all__ = ["na2d_attention", "na2d_attention_reference"]
@@ -53,7 +53,8 @@ def na2d_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_siz
     """Dispatcher: the fused kernels (``auto`` on CUDA, or ``impl='triton'``), else the reference."""
     _check(q, k, v, kernel_size, rpb)
     supported = all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in (q, k, v))
-    if resolve_impl(impl, q, supported) == "reference":
+    if resolve_impl(impl, q, supported,
+                    op="na2d_attention", args=(q, k, v, kernel_size, rpb, scale)) == "reference":
         return na2d_attention_reference(q, k, v, kernel_size, rpb, scale)
     if torch.is_autocast_enabled(q.device.type):
         dt = torch.get_autocast_dtype(q.device.type)
@@ -284,3 +285,5 @@ if triton_available():
         @staticmethod
         def backward(ctx, grad):
             return _grads(_bwd, ctx, grad)
+
+register_op("na2d_attention", na2d_attention)

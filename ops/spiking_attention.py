@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._dispatch import interpreting, resolve_impl, triton_available
+from ._dispatch import interpreting, resolve_impl, triton_available, register_op
 from .lif import lif_multistep, lif_multistep_reference
 
 __all__ = ["spiking_attention", "spiking_attention_reference"]
@@ -58,7 +58,9 @@ def spiking_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     dtype = torch.get_autocast_dtype(q.device.type) if low else q.dtype
     supported = (q.ndim == 5 and q.shape == k.shape == v.shape and dtype in _TRITON_DTYPES
                  and q.dtype == k.dtype == v.dtype and q.numel() > 0)
-    if resolve_impl(impl, q, supported) == "reference":
+    if resolve_impl(impl, q, supported,
+                    op="spiking_attention", args=(q, k, v, scale, tau, v_threshold, v_reset, detach_reset,
+                                             decay_input, alpha)) == "reference":
         return spiking_attention_reference(q, k, v, scale, tau, v_threshold, v_reset, detach_reset, decay_input,
                                            alpha)
     lif = (float(tau), float(v_threshold), None if v_reset is None else float(v_reset), bool(detach_reset),
@@ -182,3 +184,5 @@ if triton_available():
         return grads + (None,) * 7
 
     _ssa_op.register_autograd(_backward, setup_context=_setup_context)
+
+register_op("spiking_attention", spiking_attention)

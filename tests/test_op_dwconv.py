@@ -102,11 +102,12 @@ def test_strided_and_multiplier_convs_match_reference(B, C, m, H, W, k, s, dil, 
 
 
 def test_auto_prefers_triton_where_measured_faster(monkeypatch):
-    """auto's choice (the ``preferred`` flag the dispatcher hands to resolve_impl): plain 7x7 convs on channels-last
-    maps up to 28 wide (the whole-row kernels), not on wider maps or NCHW; dilated convs everywhere."""
+    """auto's fixed rule where it does not measure (the ``preferred`` flag the dispatcher hands to resolve_impl):
+    plain 7x7 convs on channels-last maps up to 28 wide (the whole-row kernels), not on wider maps or NCHW;
+    dilated convs everywhere."""
     from ops import dwconv as D
     seen = []
-    monkeypatch.setattr(D, "resolve_impl", lambda impl, x, supported=True, preferred=True:
+    monkeypatch.setattr(D, "resolve_impl", lambda impl, x, supported=True, preferred=True, **kw:
                         seen.append(preferred) or "reference")
     w7 = torch.randn(16, 1, 7, 7)
     for H, cl, dil in [(14, True, 1), (56, True, 1), (14, False, 1), (56, False, 3)]:

@@ -41,3 +41,29 @@ def test_impl_choice(monkeypatch):
     assert resolve_impl(None, x, supported=False) == "reference"
     with pytest.raises(ValueError, match="does not support"):
         resolve_impl("triton", x, supported=False)
+
+
+def test_auto_measures_once_per_signature(monkeypatch):
+    """auto times both paths (forward and backward, on copies of the arguments) at the first call of a signature,
+    keeps the faster, and measures again only for a new signature; METAMIXER_OPS_AUTOTUNE=0 skips it."""
+    from ops import _dispatch as D
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(D, "_CHOSEN", {})
+    timed = []
+
+    def fake_median_ms(fn):
+        fn()  # the candidate must run, backward included
+        timed.append(len(timed))
+        return {0: 2.0, 1: 1.0, 2: 1.0, 3: 3.0}[len(timed) - 1]  # triton faster first, then the reference
+
+    monkeypatch.setattr(D, "_median_ms", fake_median_ms)
+    w = torch.randn(8, 1, 7, 7, requires_grad=True)
+    x = torch.randn(1, 8, 9, 9, requires_grad=True)
+    args = (x, w, None, 1, 3, 1)
+    assert D._measured_choice("dwconv2d", args, x) == "triton" and len(timed) == 2
+    assert D._measured_choice("dwconv2d", args, x) == "triton" and len(timed) == 2  # cached
+    assert x.grad is None and w.grad is None  # measured on copies
+    wider = torch.randn(1, 8, 9, 11)
+    assert D._measured_choice("dwconv2d", (wider, w, None, 1, 3, 1), wider) == "reference" and len(timed) == 4
+    monkeypatch.setenv("METAMIXER_OPS_AUTOTUNE", "0")
+    assert not D.autotune_enabled()
