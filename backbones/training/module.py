@@ -65,8 +65,9 @@ class ImageClassifier(L.LightningModule):
         model_name / model_kwargs / pretrained: passed to ``timm.create_model``.
         num_classes: classifier outputs (the data module's class count).
         optimizer: ``timm.optim.create_optimizer_v2`` kwargs (opt, lr, weight_decay, layer_decay, betas, ...).
-        scheduler: ``timm.scheduler.create_scheduler_v2`` kwargs (sched, warmup_epochs, warmup_lr, min_lr, ...);
-            the epoch count and updates per epoch come from the trainer.
+        scheduler: ``timm.scheduler.create_scheduler_v2`` kwargs (sched, warmup_epochs, warmup_lr, min_lr,
+            cooldown_epochs, ...); the epoch count and updates per epoch come from the trainer (``cooldown_epochs``
+            of the ``max_epochs`` stay at ``min_lr`` after the schedule).
         label_smoothing: for hard targets (the Mixup soft targets carry their own smoothing).
         ema_decay: EMA of the weights with this decay (None or 0: no EMA); ``ema_warmup`` uses timm's decay warm-up.
         channels_last: model and inputs in channels-last memory format.
@@ -179,8 +180,15 @@ class ImageClassifier(L.LightningModule):
         if not epochs or epochs < 1:
             raise ValueError("the cosine schedule needs trainer.max_epochs >= 1")
         updates = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
-        scheduler, _ = create_scheduler_v2(optimizer, num_epochs=epochs, updates_per_epoch=updates,
-                                           step_on_epochs=False, **(self.hparams.scheduler or {}))
+        sched = dict(self.hparams.scheduler or {})
+        # timm's cooldown_epochs hold min_lr after the schedule ends, and max_epochs counts the whole run, so the
+        # schedule spans max_epochs - cooldown_epochs (timm's train.py runs --epochs E then --cooldown-epochs C:
+        # the same run is max_epochs=E+C, cooldown_epochs=C here)
+        cooldown = int(sched.get("cooldown_epochs") or 0)
+        if not 0 <= cooldown < epochs:
+            raise ValueError(f"optim.scheduler.cooldown_epochs={cooldown} must be in [0, trainer.max_epochs={epochs})")
+        scheduler, _ = create_scheduler_v2(optimizer, num_epochs=epochs - cooldown, updates_per_epoch=updates,
+                                           step_on_epochs=False, **sched)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
