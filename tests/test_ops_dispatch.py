@@ -67,3 +67,21 @@ def test_auto_measures_once_per_signature(monkeypatch):
     assert D._measured_choice("dwconv2d", (wider, w, None, 1, 3, 1), wider) == "reference" and len(timed) == 4
     monkeypatch.setenv("METAMIXER_OPS_AUTOTUNE", "0")
     assert not D.autotune_enabled()
+
+
+def test_auto_measures_at_trace_time_without_graph_break(monkeypatch):
+    """Under torch.compile the measurement runs once while dynamo traces (a constant of the graph), with the
+    signature the traced call sees, and the graph stays whole (fullgraph=True raises on a break)."""
+    from ops import _dispatch as D
+    monkeypatch.setattr(D, "_CHOSEN", {})
+    seen = []
+    monkeypatch.setattr(D, "_measure", lambda name, key, device, args=None: seen.append((name, key)) or "triton")
+
+    def f(x, w):
+        return x * 3 if D._measured_choice("dwconv2d", (x, w, None, 1, 3, 1), x) == "triton" else x * 2
+
+    x, w = torch.randn(1, 8, 9, 9, requires_grad=True), torch.randn(8, 1, 7, 7)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = torch.compile(f, backend="eager", fullgraph=True)(x, w)
+    torch.testing.assert_close(out, x * 3)
+    assert len(seen) == 1 and seen[0][1][1:] == (True, "bfloat16")  # grad mode and autocast are in the signature
