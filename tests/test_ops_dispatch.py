@@ -85,3 +85,18 @@ def test_auto_measures_at_trace_time_without_graph_break(monkeypatch):
         out = torch.compile(f, backend="eager", fullgraph=True)(x, w)
     torch.testing.assert_close(out, x * 3)
     assert len(seen) == 1 and seen[0][1][1:] == (True, "bfloat16")  # grad mode and autocast are in the signature
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures on a GPU")
+def test_auto_measures_on_the_gpu(monkeypatch):
+    """On a CUDA tensor auto times both paths once per signature and gives the same values as the path it chose."""
+    from ops import _dispatch as D
+    monkeypatch.setattr(D, "_CHOSEN", {})
+    monkeypatch.delenv("METAMIXER_OPS_AUTOTUNE", raising=False)
+    x = torch.randn(4, 32, 28, 28, device="cuda").to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(32, 1, 7, 7, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", torch.bfloat16):
+        out = ops.dwconv2d(x, w, None, 1, 9, 3)
+        (choice,) = D._CHOSEN.values()
+        torch.testing.assert_close(out, ops.dwconv2d(x, w, None, 1, 9, 3, impl=choice))
+    assert len(D._CHOSEN) == 1 and x.grad is None
