@@ -6,13 +6,16 @@ arguments, while an explicit ``impl='triton'`` for arguments without a kernel is
 kernels (also on CPU tensors under ``TRITON_INTERPRET=1``, which is how the test-suite runs them without a GPU).
 
 ``auto`` takes the reference unless the inputs are CUDA tensors, Triton is importable and the op has a kernel for
-the arguments. Then it decides by measurement on the running GPU, as ``cudnn.benchmark`` and Triton's autotuner
-do: at the first call with a new argument signature (shapes, strides, dtypes, which inputs need gradients, grad
-mode, autocast) it times both paths, forward and (where gradients are needed) backward, on copies of the
-arguments, with ``cudnn.benchmark`` as the caller set it, and caches the faster one for the rest of the process.
-Under ``torch.compile`` the same measurement runs once at trace time on random inputs of the same signature, so the
-compiled graph holds the measured path. ``METAMIXER_OPS_AUTOTUNE=0`` turns the measurement off: ``auto`` then
-follows each op's fixed rule (``preferred``), which makes the choice, and so the rounding, the same on every run.
+the arguments. Then it follows the op's rule (``preferred``: where the op's benchmark measured the kernels faster),
+the same choice, and so the same rounding, on every run.
+
+``METAMIXER_OPS_AUTOTUNE=1`` makes ``auto`` decide by measurement on the running GPU instead, as ``cudnn.benchmark``
+and Triton's autotuner do: at the first call with a new argument signature (shapes, strides, dtypes, which inputs
+need gradients, grad mode, autocast) it times both paths back to back, forward and (where gradients are needed)
+backward, on copies of the arguments, with ``cudnn.benchmark`` as the caller set it, and caches the faster one for
+the rest of the process. Under ``torch.compile`` the same measurement runs once at trace time on random inputs of
+the same signature, so the compiled graph holds the measured path. It is off by default: timed one op at a time it
+does not yet pick as well as the rules for whole models (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ def interpreting() -> bool:
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get(AUTOTUNE_ENV_VAR, "1") != "0"
+    return os.environ.get(AUTOTUNE_ENV_VAR, "0") == "1"
 
 
 # (op name, signature) -> 'reference' | 'triton'; the measured choices of this process
@@ -77,18 +80,21 @@ def _from_key(k: Any, device: torch.device, like: Optional[Sequence[Any]] = None
     return k
 
 
-def _median_ms(fn: Callable[[], Any], reps: int = 7) -> float:
+def _median_ms(fn: Callable[[], Any], reps: int = 10, rounds: int = 3) -> float:
+    """Milliseconds per call of ``fn`` run back to back, as a model runs its ops: the GPU time where the GPU is
+    the bottleneck, the launch time where the host is (median of ``rounds``)."""
     for _ in range(2):  # Triton compiles, cuDNN (with benchmark on) picks its algorithm
         fn()
     times = []
-    for _ in range(reps):
+    for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(reps):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2]
+        times.append(start.elapsed_time(end) / reps)
+    return sorted(times)[rounds // 2]
 
 
 def _measure(name: str, key: Tuple[Any, ...], device: str, args: Optional[Sequence[Any]] = None) -> str:
