@@ -137,7 +137,8 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     acc = {k: MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device) for k in (1, min(5, num_classes))}
     n = 0
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-        for x, y in datamodule.val_dataloader():
+        for batch in datamodule.val_dataloader():
+            x, y = datamodule.take_unreadable(batch, "val")
             x, y = x.to(device), y.to(device)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -151,6 +152,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
         "weights": source,
         "dataset": f"{cfg.data.name}:{datamodule.hparams.val_split}",
         "images": n,
+        "unreadable_images": len(datamodule.unreadable.get("val", [])),
         "num_classes": num_classes,
         "top1": float(acc[1].compute()) * 100,
         "top5": float(acc[min(5, num_classes)].compute()) * 100,
