@@ -174,9 +174,10 @@ def build_model(model_cls: type, variant: str, pretrained: bool = False,
     given as ``pretrained_cfg_overlay=dict(file=...)``: a missing, corrupt or foreign file raises one ``ValueError``
     naming the file and what is wrong (the file is read once, here, and handed to timm's loader as a state_dict)."""
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    file = overlay.get("file") if pretrained and overlay.get("state_dict") is None else None
+    file = overlay.get("file") if pretrained and overlay.get("source") != "local-dir" else None
     if file:
-        kwargs["pretrained_cfg_overlay"] = {**overlay, "state_dict": read_weights_file(file)}
+        if overlay.get("state_dict") is None:  # a state_dict given with the file was read from it already
+            kwargs["pretrained_cfg_overlay"] = {**overlay, "state_dict": read_weights_file(file)}
         inner = pretrained_filter_fn
 
         def pretrained_filter_fn(state_dict, model):

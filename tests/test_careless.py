@@ -190,6 +190,10 @@ def test_weight_files_missing_corrupt_or_foreign_name_the_file(tmp_path):
         with pytest.raises(ValueError, match=f"weights file '{tmp_path / name}' .*{what}"):
             timm.create_model("ffnet_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / name)),
                               **TINY_KW)
+    # eval.py ckpt= with another model's checkpoint
+    from backbones.training import load_eval_model
+    with pytest.raises(ValueError, match=f"weights file '{tmp_path / 'van.pth'}' is not a checkpoint of ffnet_t"):
+        load_eval_model("ffnet_t", TINY_KW, 10, ckpt=str(tmp_path / "van.pth"))
     m = timm.create_model("ffnet_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(good)), **TINY_KW)
     assert torch.equal(m.stem[0].c.weight, torch.load(good)["stem.0.c.weight"])
 
