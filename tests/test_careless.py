@@ -132,8 +132,9 @@ class PoisonWeights(Callback):
 def test_diverging_learning_rate_stops_with_the_step_and_remedy(tmp_path):
     with pytest.raises(DivergenceError, match=r"training diverged: .* at step \d+ .*lower the learning rate.*"
                                               r"clip gradients \(trainer.gradient_clip_val=1.0\)"):
-        train(make_cfg(tmp_path / "run", TINY + ["optim=sgd", "optim.optimizer.lr=1e4", "optim.scheduler.warmup_epochs=0",
-                                                 "trainer.gradient_clip_val=null", "trainer.limit_train_batches=8"]))
+        train(make_cfg(tmp_path / "run", TINY + ["optim=sgd", "optim.optimizer.lr=1e4",
+                                                 "optim.scheduler.warmup_epochs=0", "trainer.gradient_clip_val=null",
+                                                 "trainer.limit_train_batches=8"]))
 
 
 def test_divergence_never_overwrites_a_good_checkpoint(tmp_path):
@@ -258,6 +259,7 @@ def test_truncated_image_is_named_counted_and_fails_past_the_threshold(tmp_path,
     caplog.clear()
     with caplog.at_level(logging.INFO):
         train(make_cfg(tmp_path / "lenient", base + ["data.max_unreadable=0.1"]))
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "unreadable" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "unreadable" in r.getMessage()]
     assert len(warnings) == 1 and str(bad) in warnings[0]
     assert any("unreadable images 1" in r.getMessage() for r in caplog.records if r.name.endswith("callbacks"))

@@ -85,7 +85,8 @@ def read_checkpoint(path: os.PathLike) -> Dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
+        raise ValueError(f"checkpoint {str(path)!r} "
+                         + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -163,7 +164,8 @@ def load_weights(model: nn.Module, path: str, use_ema: bool = True) -> str:
                                  "full-precision one, or resume it with ckpt_path=")
             src_arch = ckpt["hyper_parameters"].get("model_name")
             sd = _lightning_state_dict(ckpt, use_ema)
-            what = f"{'EMA' if use_ema and any(k.startswith('ema.module.') for k in ckpt['state_dict']) else 'model'} weights of {path}"
+            has_ema = use_ema and any(k.startswith("ema.module.") for k in ckpt["state_dict"])
+            what = f"{'EMA' if has_ema else 'model'} weights of {path}"
         else:
             sd, src_arch, what = read_weights_file(p), None, f"checkpoint {path}"
     if src_arch is not None and split_model_name_tag(src_arch)[0] != split_model_name_tag(arch)[0]:

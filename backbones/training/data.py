@@ -253,7 +253,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
-        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
+        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=self.hparams.seed)
         batch_size, per_process = self.hparams.batch_size, len(sampler)
         if per_process < batch_size:  # fewer images than one batch: one partial batch per epoch instead of none
             # Mixup/CutMix pairs each image with the batch flipped: they need an even batch

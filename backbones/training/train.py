@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import hydra
 import lightning as L
