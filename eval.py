@@ -8,14 +8,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from backbones.training import evaluate, register_model_configs  # noqa: E402
+from backbones.training import evaluate, register_model_configs, run_job  # noqa: E402
 
 register_model_configs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    run_job(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from backbones.training import register_model_configs, train  # noqa: E402
+from backbones.training import register_model_configs, run_job, train  # noqa: E402
 
 register_model_configs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    run_job(train, cfg)
 
 
 if __name__ == "__main__":

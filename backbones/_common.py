@@ -5,13 +5,17 @@ Kept deliberately small; anything timm or torch already offers is used from ther
 from __future__ import annotations
 
 import argparse
+import os
+import zipfile
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.models import build_model_with_cfg, load_state_dict
 from timm.models._features import feature_take_indices
 
-__all__ = ["unwrap_checkpoint", "check_state_dict", "check_input", "stage_intermediates"]
+__all__ = ["unwrap_checkpoint", "check_state_dict", "check_input", "stage_intermediates", "read_weights_file",
+           "build_model"]
 
 # Training checkpoints written by timm-style scripts (FFNet, VAN, TransNeXt, OverLoCK releases) pickle the run's
 # argparse.Namespace next to the weights. timm downloads pretrained URLs with torch.load(weights_only=True), which
@@ -126,3 +130,65 @@ def stage_intermediates(
     if final_norm is not None and i == last:
         x = final_norm(x)
     return x, intermediates
+
+
+def read_weights_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Read a weights file (``.safetensors`` or a ``torch.save`` checkpoint, loaded with ``weights_only=True``) as
+    timm's loader does (EMA / ``state_dict`` / ``model`` nesting unwrapped), with one ``ValueError`` naming the file
+    and what is wrong with it instead of the raw unpickling or zip error."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"weights file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"weights file {path!r} is a folder, not a file (an exported model folder loads with "
+                         f"timm.create_model('local-dir:{path}', pretrained=True))")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"weights file {path!r} is empty")
+    try:
+        if zipfile.is_zipfile(path):  # torch.save's format: a truncated or damaged archive fails its CRC check
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            if bad is not None:
+                raise ValueError(f"archive member {bad} fails its CRC check")
+        state = load_state_dict(path, weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) and zipfile.is_zipfile(path):  # a sound archive with foreign objects inside
+            raise ValueError(
+                f"weights file {path!r} holds pickled Python objects besides tensors, which weights-only loading "
+                "refuses; save the state_dict alone (torch.save(model.state_dict(), path)) or as .safetensors"
+            ) from None
+        # outside a zip archive, torch's weights-only unpickler reports damaged bytes as "blocked globals": name the
+        # damage instead
+        detail = "" if "weights_only" in str(e) or not str(e).strip() else f": {str(e).strip().splitlines()[0]}"
+        raise ValueError(f"weights file {path!r} is corrupt or not a PyTorch / safetensors checkpoint "
+                         f"({type(e).__name__}{detail})") from None
+    if not isinstance(state, Mapping) or not any(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"weights file {path!r} holds no tensors (found {type(state).__name__}): is it a model "
+                         "checkpoint?")
+    return dict(state)
+
+
+def build_model(model_cls: type, variant: str, pretrained: bool = False,
+                pretrained_filter_fn: Optional[Callable] = None, **kwargs) -> nn.Module:
+    """``timm.models.build_model_with_cfg`` for every family's ``_create_*``, with clear errors for a weights file
+    given as ``pretrained_cfg_overlay=dict(file=...)``: a missing, corrupt or foreign file raises one ``ValueError``
+    naming the file and what is wrong (the file is read once, here, and handed to timm's loader as a state_dict)."""
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    file = overlay.get("file") if pretrained and overlay.get("source") != "local-dir" else None
+    if file:
+        if overlay.get("state_dict") is None:  # a state_dict given with the file was read from it already
+            kwargs["pretrained_cfg_overlay"] = {**overlay, "state_dict": read_weights_file(file)}
+        inner = pretrained_filter_fn
+
+        def pretrained_filter_fn(state_dict, model):
+            try:
+                return inner(state_dict, model) if inner is not None else state_dict
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise ValueError(f"weights file {file!r} is not a checkpoint of {variant}: {e}") from None
+    try:
+        return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn,
+                                    **kwargs)
+    except RuntimeError as e:
+        if file and "loading state_dict" in str(e):  # keys that passed the filter but not load_state_dict
+            raise ValueError(f"weights file {file!r} does not fit {variant}: {e}") from None
+        raise

@@ -33,10 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from backbones._common import check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
+from backbones._common import build_model, check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
 from ops.channel_attention import channel_attention
 from ops.dwconv import DWConv2d
 from ops.window_attention import window_attention
@@ -414,7 +414,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DaVit) -> Dict[str, 
 
 # ---- variants --------------------------------------------------------------------------------------------------
 def _create_davit(variant: str, pretrained: bool = False, **kwargs) -> DaVit:
-    return build_model_with_cfg(
+    return build_model(
         DaVit, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),

@@ -31,14 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale2d, SEModule
-from timm.models import (build_model_with_cfg, checkpoint_seq, generate_default_cfgs,
+from timm.models import (checkpoint_seq, generate_default_cfgs,
                          register_model, register_model_deprecations)
 
 from timm.models._features import feature_take_indices
 
 from ops import DWConv2d
 
-from ._common import check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
+from ._common import build_model, check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
 
 __all__ = ["FFNet"]
 
@@ -440,7 +440,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: FFNet) -> Dict[str, 
 
 # ---- variants --------------------------------------------------------------------------------------------------
 def _create_ffnet(variant: str, pretrained: bool = False, **kwargs) -> FFNet:
-    return build_model_with_cfg(
+    return build_model(
         FFNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),

@@ -46,12 +46,12 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (BatchNormAct2d, ClassifierHead, ConvNormAct, DropPath, calculate_drop_path_rates,
                          get_act_layer, get_attn, make_divisible, trunc_normal_)
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ops.halo_attention import halo_attention
 
-from ._common import check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
+from ._common import build_model, check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
 
 __all__ = ["HaloNet", "StageCfg"]
 
@@ -394,7 +394,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: HaloNet) -> Dict[str
 
 # ---- variants --------------------------------------------------------------------------------------------------
 def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:
-    return build_model_with_cfg(
+    return build_model(
         HaloNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),

@@ -37,13 +37,13 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ops import DWConv2d
 from ops.mix_shift import mix_shift, mix_shift_chunk_sizes
 
-from ._common import check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
+from ._common import build_model, check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
 
 __all__ = ["MSMLP"]
 
@@ -283,7 +283,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: MSMLP) -> Dict[str, 
 
 # ---- variants --------------------------------------------------------------------------------------------------
 def _create_msmlp(variant: str, pretrained: bool = False, **kwargs) -> MSMLP:
-    return build_model_with_cfg(
+    return build_model(
         MSMLP, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),

@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d, SEModule
 from timm.layers.grn import GlobalResponseNorm
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
 from ops import DWConv2d
 from ops.na2d import na2d_av, na2d_rpb
 
-from ._common import check_input, check_state_dict, unwrap_checkpoint
+from ._common import build_model, check_input, check_state_dict, unwrap_checkpoint
 
 __all__ = ["OverLoCK"]
 
@@ -598,7 +598,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: OverLoCK) -> Dict[st
 
 # ---- variants --------------------------------------------------------------------------------------------------
 def _create_overlock(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
-    return build_model_with_cfg(
+    return build_model(
         OverLoCK, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),

@@ -65,13 +65,13 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import drop_path, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ops.lif import MultiStepLIF
 from ops.spiking_attention import spiking_attention
 
-from ._common import check_input, check_state_dict, unwrap_checkpoint
+from ._common import build_model, check_input, check_state_dict, unwrap_checkpoint
 
 __all__ = ["Spikformer"]
 
@@ -373,7 +373,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: Spikformer) -> Dict[
 def _create_spikformer(variant: str, pretrained: bool = False, **kwargs) -> Spikformer:
     # like timm's ViT: features_only defaults to the last 3 blocks (all blocks of shallower models)
     out_indices = kwargs.pop("out_indices", min(3, kwargs.get("depth", 8)))
-    return build_model_with_cfg(
+    return build_model(
         Spikformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),

@@ -37,14 +37,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_model_deprecations
+from timm.models import generate_default_cfgs, register_model, register_model_deprecations
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
 from ops import DWConv2d
 from ops.aggregated_attention import aggregated_attention
 
-from ._common import check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
+from ._common import build_model, check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
 
 __all__ = ["TransNeXt"]
 
@@ -473,7 +473,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: TransNeXt) -> Dict[s
 
 # ---- variants -------------------------------------------------------------------------------------------------------
 def _create_transnext(variant: str, pretrained: bool = False, **kwargs) -> TransNeXt:
-    return build_model_with_cfg(
+    return build_model(
         TransNeXt, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),

@@ -102,7 +102,7 @@ def test_bad_input_is_clear_and_loses_nothing(ckpt, tmp_path, three_class_folder
     corrupt.write_bytes(ckpt.read_bytes()[:5000])
     cases = [
         ([f"ckpt={corrupt}"], ValueError, "corrupt or not a checkpoint"),
-        ([f"ckpt={tmp_path / 'missing.ckpt'}"], FileNotFoundError, "does not exist"),
+        ([f"ckpt={tmp_path / 'missing.ckpt'}"], ValueError, "missing.ckpt. does not exist"),
         ([], ValueError, "nothing to evaluate"),
         (["pretrained=true"], ValueError, "pretrained ffnet_t has 1000 classes but the dataset has 10"),
         (["pretrained=true", "model.name=ffnet_x"], ValueError, "unknown model 'ffnet_x'"),

@@ -48,11 +48,11 @@ def make_cfg(out: Path, overrides=(), config="train"):
         return compose(config, overrides=[f"output_dir={out}", *overrides])
 
 
-def run_train_py(args, cwd=ROOT, check=True, timeout=240):
+def run_train_py(args, cwd=ROOT, check=True, timeout=240, umask=-1):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                WANDB_MODE="offline")
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=timeout)
+                       text=True, timeout=timeout, umask=umask)
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
@@ -140,12 +140,22 @@ def test_cli_help_cfg_job_and_multirun(tmp_path):
     assert "ffnet_t_nano" in p.stdout
     job = run_train_py(["--cfg", "job", "model=ffnet_s"]).stdout
     assert "name: ffnet_s" in job and "_target_: lightning.pytorch.Trainer" in job
-    # a -m sweep: one run (and output folder) per value
-    run_train_py(["-m", "optim.optimizer.lr=1e-3,3e-3", *TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=1",
-                  "logger=none", f"hydra.sweep.dir={tmp_path}"])
+    # a -m sweep: one run (and output folder) per value; stdout is a pipe and the progress bar setting is left at
+    # its default (null): one log line per epoch, no bar
+    tiny = [a for a in TINY if not a.startswith("trainer.enable_progress_bar")]
+    p = run_train_py(["-m", "optim.optimizer.lr=1e-3,3e-3", *tiny, "trainer.max_epochs=1",
+                      "trainer.limit_train_batches=1", "logger=none", f"hydra.sweep.dir={tmp_path}"], umask=0o027)
+    assert "it/s]" not in p.stdout + p.stderr and "Epoch 0:" not in p.stdout + p.stderr
     for job_num, lr in ((0, 1e-3), (1, 3e-3)):
-        ckpt = read_checkpoint(tmp_path / str(job_num) / "checkpoints/last.ckpt")
+        run = tmp_path / str(job_num)
+        ckpt = read_checkpoint(run / "checkpoints/last.ckpt")
         assert ckpt["hyper_parameters"]["optimizer"]["lr"] == lr
+        # the run folder tells the story: train.log holds the log lines, the umask decides the modes
+        log = (run / "train.log").read_text()
+        assert "epoch 1/1, step 1, train/loss" in log and "Trainer.fit` stopped" in log
+        for f in (run / "checkpoints/last.ckpt", run / "checkpoints/best.ckpt", run / "train.log"):
+            assert f.stat().st_mode & 0o777 == 0o640, (f, oct(f.stat().st_mode))
+        assert (run / "checkpoints").stat().st_mode & 0o777 == 0o750
 
 
 # ---- bad input: clear errors, nothing written ------------------------------------------------------------------

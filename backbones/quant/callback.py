@@ -68,6 +68,11 @@ class OFQ(L.Callback):
         model = pl_module.model
         if any(isinstance(m, QUANT_LAYERS) for m in model.modules()):
             return
+        # train.py sets `init_weights` (None: random initialisation); a resumed run restores trained weights
+        if stage == "fit" and not trainer.ckpt_path and not getattr(pl_module, "init_weights", None):
+            log.warning("OFQ starts from randomly initialised weights: quantization-aware training is meant to "
+                        "fine-tune a trained full-precision model; pass weights=PATH (a train.py .ckpt, an exported "
+                        "folder or an official checkpoint file) or model.pretrained=true")
         self.roles = quantize_model(model, self.cfg)
         weight_only = [n for n, r in self.roles.items() if r == "weight_only"]
         if weight_only:

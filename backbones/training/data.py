@@ -13,23 +13,32 @@ Transforms come from ``timm.data.create_transform`` with the model's ``pretraine
 random erasing for training; resize + center crop for validation. Mixup/CutMix runs on the device after the batch is
 transferred (``on_after_batch_transfer``), only in training, and produces soft targets with label smoothing.
 
+Unreadable images (truncated or corrupt files in an image folder or hub dataset) are replaced by the next readable
+image of the split and reported: a warning with the file's path, the epoch's count in the epoch log line
+(``EpochLog``), and a ``ValueError`` once more than ``max_unreadable`` (a fraction of the split, per epoch) are
+unreadable. A training split smaller than one batch trains on one partial batch per epoch (even-sized under
+Mixup/CutMix); with fewer than 2 images per process (BatchNorm needs two) it is an error naming the numbers.
+
 Sampling is deterministic per epoch (``seed + epoch``) in one process and across DDP ranks alike: the sampler is a
 ``DistributedSampler`` built here (the trainer sets ``use_distributed_sampler: false``), so a 2-process run sees the
 same global batches as a 1-process run with twice the per-process batch size.
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import lightning as L
 import numpy as np
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
-from timm.data import Mixup, create_dataset, create_transform, resolve_data_config
+from timm.data import ImageDataset, Mixup, create_dataset, create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["DigitsDataset", "ImageDataModule", "dataset_num_classes"]
+__all__ = ["CheckedImageDataset", "DigitsDataset", "ImageDataModule", "dataset_num_classes"]
+
+log = logging.getLogger(__name__)
 
 
 class DigitsDataset(Dataset):
@@ -62,6 +71,43 @@ class DigitsDataset(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.targets[i])
+
+
+class CheckedImageDataset(Dataset):
+    """A timm ``ImageDataset`` whose unreadable images are reported, not silently skipped.
+
+    Items are ``(image, target, unreadable)``: ``unreadable`` is ``""`` or, when the image at ``index`` (and maybe
+    the ones after it) could not be decoded, one ``"path (error)"`` line per such file; the image returned is then
+    the next readable one. The report travels with the batch so that the main process sees it whatever the number
+    of loader workers (``ImageDataModule`` strips it before the model sees the batch).
+    """
+
+    def __init__(self, base: ImageDataset, max_consecutive: int = 50):
+        self.base, self.reader, self.max_consecutive = base, base.reader, max_consecutive
+        self.transform = base.transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        base, n, bad = self.base, len(self.base), []
+        for attempt in range(min(n, self.max_consecutive)):
+            i = (index + attempt) % n
+            img, target, *_ = base.reader[i]
+            try:
+                img = Image.open(img)
+                img = img.convert(base.input_img_mode or "RGB")  # decodes the pixels: truncated files fail here
+            except Exception as e:  # any decoder error (OSError, SyntaxError, DecompressionBombError, ...)
+                bad.append(f"{base.reader.filename(i, absolute=True)} ({type(e).__name__}: {e})")
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            if target is None:
+                target = -1
+            elif base.target_transform is not None:
+                target = base.target_transform(target)
+            return img, target, "\n".join(bad)
+        raise ValueError(f"{len(bad)} consecutive unreadable images, from index {index}: " + "; ".join(bad[:3]))
 
 
 def dataset_num_classes(ds: Dataset) -> int:
@@ -114,12 +160,22 @@ class ImageDataModule(L.LightningDataModule):
             mixup_switch_prob: float = 0.5,
             mixup_mode: str = "batch",
             label_smoothing: float = 0.0,
+            # unreadable images: fail once more than this fraction of a split is unreadable in one epoch
+            max_unreadable: float = 0.01,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)  # train.py logs the whole Hydra config instead
         self.data_config: Optional[Dict[str, Any]] = None
         self.train_set = self.val_set = None
         self.mixup: Optional[Mixup] = None
+        # unreadable images reported in the current epoch, per split ("train" / "val"): "path (error)" lines
+        self.unreadable: Dict[str, List[str]] = {}
+        self._unreadable_epoch: Optional[int] = None
+        if (mixup_alpha > 0 or cutmix_alpha > 0) and mixup_mode == "batch" and batch_size % 2:
+            raise ValueError(f"data.batch_size={batch_size} is odd, but Mixup/CutMix (data.mixup_alpha / "
+                             "data.cutmix_alpha) pair the batch with itself flipped: use an even batch size")
+        if not 0.0 <= float(max_unreadable) <= 1.0:
+            raise ValueError(f"data.max_unreadable={max_unreadable} must be a fraction in [0, 1]")
         self._check_source()
 
     # ---- configuration -----------------------------------------------------------------------------------------
@@ -149,7 +205,13 @@ class ImageDataModule(L.LightningDataModule):
         if hp.name == "digits":
             return DigitsDataset(split)
         name = "" if hp.name == "imagefolder" else hp.name
-        return create_dataset(name, root=hp.root, split=split, is_training=is_training, download=hp.download)
+        try:
+            ds = create_dataset(name, root=hp.root, split=split, is_training=is_training, download=hp.download)
+        except RuntimeError as e:
+            if "Found 0 images" in str(e):  # timm's folder reader on an empty split folder
+                raise ValueError(f"data.root={hp.root!r}: no images in split {split!r} ({e})") from None
+            raise
+        return CheckedImageDataset(ds) if isinstance(ds, ImageDataset) else ds
 
     @property
     def num_classes(self) -> int:
@@ -191,13 +253,51 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
-        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
-        return self._loader(self.train_set, sampler, self.hparams.batch_size, drop_last=True)
+        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=self.hparams.seed)
+        batch_size, per_process = self.hparams.batch_size, len(sampler)
+        if per_process < batch_size:  # fewer images than one batch: one partial batch per epoch instead of none
+            # Mixup/CutMix pairs each image with the batch flipped: they need an even batch
+            batch_size = per_process - (per_process % 2 if self.mixup is not None else 0)
+            if batch_size < 2:
+                raise ValueError(
+                    f"the training split has {len(self.train_set)} images ({per_process} per process): too few to "
+                    f"train on (data.batch_size={self.hparams.batch_size}); at least 2 per process are needed")
+            log.warning("the training split has %d images (%d per process), fewer than data.batch_size=%d: "
+                        "training on one batch of %d per epoch", len(self.train_set), per_process,
+                        self.hparams.batch_size, batch_size)
+        # full batches only otherwise: a last batch of 1 breaks BatchNorm, an odd one breaks Mixup
+        return self._loader(self.train_set, sampler, batch_size, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         world, rank = self._world()
         sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=world, rank=rank, shuffle=False)
         return self._loader(self.val_set, sampler, self.hparams.val_batch_size or self.hparams.batch_size, False)
+
+    def take_unreadable(self, batch, split: str):
+        """Strip the unreadable-image report from a ``CheckedImageDataset`` batch: warn with each path, count it
+        for the epoch and raise once more than ``max_unreadable`` of the split is unreadable. Returns ``(x, y)``."""
+        if not (isinstance(batch, (list, tuple)) and len(batch) == 3 and isinstance(batch[2], (list, tuple))):
+            return batch
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        if self._unreadable_epoch != epoch:  # a new epoch: count afresh
+            self.unreadable, self._unreadable_epoch = {}, epoch
+        for report in batch[2]:
+            for line in filter(None, report.split("\n")):
+                self.unreadable.setdefault(split, []).append(line)
+                log.warning("unreadable image %s: replaced by the next readable image of the %s split", line, split)
+        bad = self.unreadable.get(split, [])
+        total = len(self.train_set if split == "train" else self.val_set)
+        if len(bad) > self.hparams.max_unreadable * total:
+            raise ValueError(
+                f"{len(bad)} of the {total} {split} images are unreadable (more than data.max_unreadable="
+                f"{self.hparams.max_unreadable} of the split): {'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. "
+                "Fix or remove these files, or raise data.max_unreadable to go on without them")
+        return batch[0], batch[1]
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        training = self.trainer is not None and self.trainer.training
+        return self.take_unreadable(batch, "train" if training else "val")
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.mixup is not None and self.trainer is not None and self.trainer.training:

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.classification import MulticlassAccuracy
 
 from .checkpoint import export_hub, read_checkpoint, write_json
+from .cli import remove_run_dir
 from .module import create_model
 from .train import instantiate_data
 
@@ -64,9 +65,10 @@ def load_eval_model(model_name: str, model_kwargs: Optional[Dict[str, Any]], num
             return model, f"{'EMA' if prefix.startswith('ema') else 'model'} weights of {ckpt}"
         try:  # a hub / official checkpoint: the family's checkpoint_filter_fn converts it
             model = create_model(model_name, pretrained=True, num_classes=num_classes,
-                                 pretrained_cfg_overlay=dict(state_dict=state, num_classes=num_classes),
+                                 pretrained_cfg_overlay=dict(state_dict=state, file=str(ckpt),
+                                                             num_classes=num_classes),
                                  **model_kwargs)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:
             if "size mismatch" in str(e):
                 raise _class_mismatch(f"checkpoint {ckpt!r}", "another number of", num_classes) from e
             raise
@@ -121,7 +123,16 @@ def _device(name: str) -> torch.device:
 
 def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     """Evaluate ``cfg.ckpt`` / ``cfg.pretrained`` on ``cfg.data``'s validation split; print a table, write
-    ``cfg.json`` (atomically) and, with ``cfg.export_dir``, the model in timm's hub format."""
+    ``cfg.json`` (atomically) and, with ``cfg.export_dir``, the model in timm's hub format. A failed evaluation
+    leaves no run folder behind (when it created the folder)."""
+    try:
+        return _evaluate(cfg)
+    except BaseException:
+        remove_run_dir(str(cfg.output_dir))
+        raise
+
+
+def _evaluate(cfg: DictConfig) -> Dict[str, Any]:
     datamodule = instantiate_data(cfg.data, val_batch_size=cfg.batch_size)
     num_classes = datamodule.num_classes
     kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True) if cfg.model.get("kwargs") else {}
@@ -137,7 +148,8 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     acc = {k: MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device) for k in (1, min(5, num_classes))}
     n = 0
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-        for x, y in datamodule.val_dataloader():
+        for batch in datamodule.val_dataloader():
+            x, y = datamodule.take_unreadable(batch, "val")
             x, y = x.to(device), y.to(device)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -151,6 +163,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
         "weights": source,
         "dataset": f"{cfg.data.name}:{datamodule.hparams.val_split}",
         "images": n,
+        "unreadable_images": len(datamodule.unreadable.get("val", [])),
         "num_classes": num_classes,
         "top1": float(acc[1].compute()) * 100,
         "top5": float(acc[min(5, num_classes)].compute()) * 100,

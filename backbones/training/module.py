@@ -48,7 +48,12 @@ def create_model(name: str, **kwargs) -> nn.Module:
             close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown model {name!r}: not a hub or timm model{hint}")
-    return timm.create_model(name, **kwargs)
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:  # a keyword the model's constructor does not take (model.kwargs.<typo>=...)
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ValueError(f"model {name!r} does not take that keyword ({e}): check model.kwargs") from None
 
 
 def _accuracy(num_classes: int, prefix: str) -> MetricCollection:
@@ -177,8 +182,8 @@ class ImageClassifier(L.LightningModule):
     def configure_optimizers(self):
         optimizer = create_optimizer_v2(self.model, **(self.hparams.optimizer or {"opt": "adamw"}))
         epochs = self.trainer.max_epochs
-        if not epochs or epochs < 1:
-            raise ValueError("the cosine schedule needs trainer.max_epochs >= 1")
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"trainer.max_epochs={epochs!r}: the cosine schedule needs an integer >= 1")
         updates = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
         sched = dict(self.hparams.scheduler or {})
         # timm's cooldown_epochs hold min_lr after the schedule ends, and max_epochs counts the whole run, so the
