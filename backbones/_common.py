@@ -14,8 +14,8 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, load_state_dict
 from timm.models._features import feature_take_indices
 
-__all__ = ["unwrap_checkpoint", "check_state_dict", "check_input", "stage_intermediates", "read_weights_file",
-           "build_model"]
+__all__ = ["OFQ_ATTENTION", "ofq_attention", "unwrap_checkpoint", "check_state_dict", "check_input",
+           "stage_intermediates", "read_weights_file", "build_model"]
 
 # Training checkpoints written by timm-style scripts (FFNet, VAN, TransNeXt, OverLoCK releases) pickle the run's
 # argparse.Namespace next to the weights. timm downloads pretrained URLs with torch.load(weights_only=True), which
@@ -23,6 +23,25 @@ __all__ = ["unwrap_checkpoint", "check_state_dict", "check_input", "stage_interm
 # Registered under its name (a (class, name) entry): timm's own loader wraps loads in
 # `torch.serialization.safe_globals([argparse.Namespace])`, whose exit removes a plain class entry again.
 torch.serialization.add_safe_globals([(argparse.Namespace, "argparse.Namespace")])
+
+# OFQ kind -> the family attention class that declared it (``ofq_attention``). ``backbones.quant.attention``
+# implements each kind; the families declare, next to the class, which of their modules are attention.
+OFQ_ATTENTION: Dict[str, type] = {}
+
+
+def ofq_attention(kind: str) -> Callable[[type], type]:
+    """Class decorator: the family's attention module is quantized by OFQ as ``kind`` (``backbones.quant.attention``
+    names the quantizer of each kind). The declaration travels with the class, so a renamed or moved class stays
+    quantized; a kind OFQ does not implement is an error there, not a silently full-precision attention."""
+    def declare(cls: type) -> type:
+        known = OFQ_ATTENTION.get(kind, cls)
+        if (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"OFQ attention kind {kind!r} is already declared by {OFQ_ATTENTION[kind].__qualname__}")
+        OFQ_ATTENTION[kind] = cls
+        cls.ofq_kind = kind
+        return cls
+    return declare
+
 
 # Nesting keys seen in published checkpoints, in order of preference (EMA first, as timm's loader does).
 _NEST_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module", "net", "params")

@@ -36,8 +36,9 @@ from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, NormMlpClass
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from backbones._common import build_model, check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
-from ops.channel_attention import channel_attention
+from backbones._common import (build_model, check_input, check_state_dict, ofq_attention, stage_intermediates,
+                               unwrap_checkpoint)
+from ops.channel_attention import channel_attention, channel_attention_reference
 from ops.dwconv import DWConv2d
 from ops.window_attention import window_attention
 
@@ -86,6 +87,7 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+@ofq_attention("davit_window")
 class WindowAttention(nn.Module):
     """Window self-attention on a channels-last map ``(B, H, W, C)``: zero-pad to a multiple of the window (the
     padded tokens get the qkv bias and are attended to, unmasked, as in the official code), attend, crop, project."""
@@ -105,9 +107,11 @@ class WindowAttention(nn.Module):
         return self.proj(x[:, :H, :W])
 
 
+@ofq_attention("davit_channel")
 class ChannelAttention(nn.Module):
     """Channel-group attention over all tokens of a channels-last map ``(B, H, W, C)`` (``version`` 1: DaViT,
-    2: Florence-2; see ``ops.channel_attention`` for the exact roles and scales)."""
+    2: Florence-2; see ``ops.channel_attention`` for the exact roles and scales). ``probs_quant`` (set by OFQ)
+    quantizes the ``d x d`` attention weights; the fused op has no hook for them, so the reference runs then."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, version: int = 1):
         super().__init__()
@@ -115,10 +119,15 @@ class ChannelAttention(nn.Module):
         self.version = version
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.probs_quant = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        x = channel_attention(self.qkv(x.reshape(B, H * W, C)), self.num_heads, self.version)
+        qkv = self.qkv(x.reshape(B, H * W, C))
+        if self.probs_quant is None:
+            x = channel_attention(qkv, self.num_heads, self.version)
+        else:
+            x = channel_attention_reference(qkv, self.num_heads, self.version, probs_fn=self.probs_quant)
         return self.proj(x).reshape(B, H, W, C)
 
 

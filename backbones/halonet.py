@@ -51,7 +51,7 @@ from timm.models._features import feature_take_indices
 
 from ops.halo_attention import halo_attention
 
-from ._common import build_model, check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
+from ._common import build_model, check_input, check_state_dict, ofq_attention, stage_intermediates, unwrap_checkpoint
 
 __all__ = ["HaloNet", "StageCfg"]
 
@@ -68,6 +68,7 @@ class StageCfg:
     halo: Optional[Dict[str, Any]] = None  # replaces (not merges) the model's halo-attention kwargs
 
 
+@ofq_attention("halo")
 class HaloAttention(nn.Module):
     """Query and key/value 1x1 convs and relative position tables around :func:`ops.halo_attention`.
 

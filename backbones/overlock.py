@@ -42,7 +42,7 @@ from timm.models._manipulate import checkpoint
 from ops import DWConv2d
 from ops.na2d import na2d_av, na2d_rpb
 
-from ._common import build_model, check_input, check_state_dict, unwrap_checkpoint
+from ._common import build_model, check_input, check_state_dict, ofq_attention, unwrap_checkpoint
 
 __all__ = ["OverLoCK"]
 
@@ -188,6 +188,7 @@ class RepConvBlock(nn.Module):
         return x + self.drop_path(self.ls(self.proj(x)))
 
 
+@ofq_attention("overlock_contmix")
 class DynamicConvBlock(nn.Module):
     """Focus-Net block with ContMix. Input: features ``x`` (``dim`` channels) and the context channels ``h_x``
     (``ctx_dim // 4``) it carries; ``h_r`` is the Overview-Net context the carried one is re-mixed with
@@ -241,7 +242,7 @@ class DynamicConvBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.rpb1 = nn.Parameter(torch.zeros(self.num_heads, 2 * smk_size - 1, 2 * smk_size - 1))
         self.rpb2 = nn.Parameter(torch.zeros(self.num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
-        self.probs_quant = None  # OFQ (backbones.quant.attention.ContMixProbs) sets a quantizer of the two kernels
+        self.probs_quant = None  # OFQ sets a quantizer of the two kernels
 
     def contmix(self, x: torch.Tensor, x_f: torch.Tensor) -> torch.Tensor:
         """Dynamic-kernel aggregation of ``x`` (``[B, dim, H, W]``) steered by the normalised fused map ``x_f``."""

@@ -42,9 +42,9 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
 from ops import DWConv2d
-from ops.aggregated_attention import aggregated_attention
+from ops.aggregated_attention import aggregated_attention, aggregated_attention_reference
 
-from ._common import build_model, check_input, check_state_dict, stage_intermediates, unwrap_checkpoint
+from ._common import build_model, check_input, check_state_dict, ofq_attention, stage_intermediates, unwrap_checkpoint
 
 __all__ = ["TransNeXt"]
 
@@ -104,7 +104,9 @@ class ConvolutionalGLU(nn.Module):
 
 
 class _CosineAttentionBase(nn.Module):
-    """Parameters shared by both attention types: temperature, query embedding, output projection, cpb MLP."""
+    """Parameters shared by both attention types: temperature, query embedding, output projection, cpb MLP.
+    ``probs_quant`` (set by OFQ, one step per head) quantizes the softmax weights; the fused ops have no hook for
+    them, so the attention is computed explicitly while it is set."""
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float, proj_drop: float):
         super().__init__()
@@ -120,8 +122,10 @@ class _CosineAttentionBase(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.cpb_fc1 = nn.Linear(2, 512)
         self.cpb_fc2 = nn.Linear(512, num_heads)
+        self.probs_quant = None
 
 
+@ofq_attention("transnext_full")
 class Attention(_CosineAttentionBase):
     """Full attention (``sr_ratio == 1`` stages): scaled cosine similarity, ``log(N)`` length scale, cpb bias."""
 
@@ -136,11 +140,17 @@ class Attention(_CosineAttentionBase):
         q, k, v = self.qkv(x).reshape(B, N, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
         bias = cpb_bias(self.cpb_fc1, self.cpb_fc2, index, table, N, N)
         q = (F.normalize(q, dim=-1) + self.query_embedding) * F.softplus(self.temperature) * math.log(N)
-        x = F.scaled_dot_product_attention(q, F.normalize(k, dim=-1), v, attn_mask=bias.to(q.dtype),
-                                           dropout_p=self.attn_drop if self.training else 0.0, scale=1.0)
+        k = F.normalize(k, dim=-1)
+        if self.probs_quant is None:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                               dropout_p=self.attn_drop if self.training else 0.0, scale=1.0)
+        else:
+            probs = self.probs_quant((q @ k.transpose(-2, -1) + bias.to(q.dtype)).softmax(dim=-1))
+            x = F.dropout(probs, self.attn_drop, self.training) @ v
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
+@ofq_attention("transnext_aggregated")
 class AggregatedAttention(_CosineAttentionBase):
     """Pixel-focused attention: 3x3 window keys + pooled keys in one softmax (``ops.aggregated_attention``).
 
@@ -166,7 +176,7 @@ class AggregatedAttention(_CosineAttentionBase):
 
     def project(self, x: torch.Tensor, size: Size, pool_size: Size):
         """``(q, k, v, k_pool, v_pool)``, each ``(B, heads, tokens, head_dim)``: the local projections of ``x`` and
-        those of its pooled tokens (also used by OFQ's ``backbones.quant.attention.QuantAggregatedAttention``)."""
+        those of its pooled tokens."""
         B, N, C = x.shape
         nh, hd = self.num_heads, self.head_dim
         q = self.q(x).reshape(B, N, nh, hd).transpose(1, 2)
@@ -182,10 +192,13 @@ class AggregatedAttention(_CosineAttentionBase):
         B, N, C = x.shape
         q, k, v, k_pool, v_pool = self.project(x, size, pool_size)
         P = k_pool.shape[2]
-        x = aggregated_attention(
-            q, k, v, k_pool, v_pool, self.temperature, self.query_embedding, self.relative_pos_bias_local,
-            cpb_bias(self.cpb_fc1, self.cpb_fc2, index, table, N, P), self.learnable_tokens, self.learnable_bias,
-            size, self.window_size, attn_drop=self.attn_drop if self.training else 0.0)
+        args = (q, k, v, k_pool, v_pool, self.temperature, self.query_embedding, self.relative_pos_bias_local,
+                cpb_bias(self.cpb_fc1, self.cpb_fc2, index, table, N, P), self.learnable_tokens, self.learnable_bias,
+                size, self.window_size, self.attn_drop if self.training else 0.0)
+        if self.probs_quant is None:
+            x = aggregated_attention(*args)
+        else:
+            x = aggregated_attention_reference(*args, probs_fn=self.probs_quant)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 

@@ -28,7 +28,7 @@ differentiable output kept for the backward) with its backward registered: opaqu
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -37,8 +37,10 @@ from ops._dispatch import resolve_impl, triton_available, register_op
 __all__ = ["channel_attention", "channel_attention_reference"]
 
 
-def channel_attention_reference(qkv: torch.Tensor, num_heads: int, version: int = 1) -> torch.Tensor:
-    """The definition (plain PyTorch)."""
+def channel_attention_reference(qkv: torch.Tensor, num_heads: int, version: int = 1,
+                                probs_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """The definition (plain PyTorch). ``probs_fn`` is applied to the ``(B, heads, d, d)`` softmax weights (OFQ
+    quantizes them there)."""
     B, N, C3 = qkv.shape
     if C3 % (3 * num_heads):
         raise ValueError(f"qkv has {C3} channels, not a multiple of 3 * num_heads = {3 * num_heads}")
@@ -52,6 +54,8 @@ def channel_attention_reference(qkv: torch.Tensor, num_heads: int, version: int 
     else:
         raise ValueError(f"channel attention version must be 1 or 2, got {version}")
     attn = ((a * scale).transpose(-2, -1) @ b).softmax(dim=-1)  # (B, heads, d, d)
+    if probs_fn is not None:
+        attn = probs_fn(attn)
     out = c @ attn.transpose(-2, -1)  # (B, heads, N, d)
     return out.transpose(1, 2).reshape(B, N, C)
 

@@ -561,7 +561,7 @@ def dwconv_roww_kernel(X, GY, Part, B, C, H, NH, ITERS, sxb, sxh, sxw, sgb, sgh,
     def _row_config(x: torch.Tensor, k: int, dil: int) -> Optional[Tuple[int, int, int]]:
         """(BLOCK_C, num_warps, channels per thread) of the whole-row kernels, or None: channels-last inputs with a
         multiple of 8 channels, kernels from 5x5 (3x3 convs are memory-bound), maps up to 28 pixels wide, or 56
-        with dilation. Measured on an H100 (bf16, CUDA-graph time, .whl probes of session 9): forward 1.1-1.8x
+        with dilation. On an H100 (bf16, CUDA-graph time) their forward is 1.1-1.8x
         faster than the row-segment/tap-loop kernels there (VAN's 7x7 dilation 3: 7.5 vs 17.7 us at 14x14, 3.4 vs
         5.6 at 7x7, 28.6 vs 39.5 at 56x56 C32); on undilated 56-wide maps a tie with the row-segment kernel."""
         B, C, H, W = x.shape

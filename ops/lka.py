@@ -57,8 +57,8 @@ def lka(x: torch.Tensor, w5: torch.Tensor, b5: Optional[torch.Tensor], w7: torch
     supported = x.ndim == 4 and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
     # auto on CUDA: the reference's structure with each depthwise conv through the dwconv2d dispatcher (Triton for
     # the dilated 7x7 and for the 5x5 on maps up to 28 wide, cuDNN for the 5x5 at 56x56). The fused gate GEMM path
-    # (impl='triton') measured slower than that at van_b0's shapes on an H100 (session 6) and 1.0-1.16x faster in
-    # GPU time in session 9's probe: not enough to switch without a model-level measurement.
+    # (impl='triton') is at best 1.0-1.16x faster in GPU time at van_b0's shapes on an H100 and has measured slower
+    # there: not enough to make it the default without a model-level measurement.
     if resolve_impl(impl, x, supported, preferred=False) == "reference":
         if resolve_impl(impl, x, supported) == "triton":  # auto on a CUDA tensor
             _check_shapes(x, w5, w7, w1)

@@ -124,7 +124,7 @@ def mix_shift(x: torch.Tensor, weights: Sequence[Sequence[torch.Tensor]],
     """Dispatcher: Triton kernels on CUDA where available (see ``ops._dispatch``), else the reference."""
     sizes = _check_args(x, weights, biases, shifts)
     # auto takes the kernels on CUDA: msmlp_t trains 1.7x / infers 1.9x faster than on the reference
-    # (benchmarks/bench_models.py, H100, bf16, batch 256, 2026-11-24; row-segment kernels)
+    # (benchmarks/bench_models.py, H100, bf16, batch 256; row-segment kernels)
     if resolve_impl(impl, x, _triton_supported(x, weights, sizes),
                     op="mix_shift", args=(x, weights, biases, shifts)) == "reference":
         return mix_shift_reference(x, weights, biases, shifts)

@@ -8,3 +8,14 @@ if not torch.cuda.is_available():
 os.environ.setdefault("WANDB_MODE", "offline")
 # Two test workers share two cores: one intra-op thread each (oversubscription makes small convs ~10x slower).
 torch.set_num_threads(1)
+
+
+# The tests that exercise Triton kernels: on CPU they run through the interpreter; on a GPU machine
+# `python -m pytest -m gpu` runs them compiled (whole models on the Triton path included).
+_GPU_FILES = ("test_op_", "test_ops_dispatch.py", "test_models_triton.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name.startswith(_GPU_FILES):
+            item.add_marker("gpu")

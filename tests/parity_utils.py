@@ -33,3 +33,22 @@ def second_sample(x: torch.Tensor, seed: int = 123) -> torch.Tensor:
     """The fixture input stacked with another random sample (checks batch handling: row 0 must not change)."""
     g = torch.Generator().manual_seed(seed)
     return torch.cat([x, torch.randn(x.shape, generator=g, dtype=x.dtype)], 0)
+
+
+def assert_grad_checkpointing_matches(model: torch.nn.Module, x: torch.Tensor, monkeypatch) -> None:
+    """``set_grad_checkpointing(True)`` checkpoints at least one block and leaves output and gradients unchanged."""
+    ref = model(x)
+    ref.sum().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model.set_grad_checkpointing(True)
+    out = model(x)
+    out.sum().backward()
+    assert calls, "no block was checkpointed"
+    assert_rel_close(out, ref, 1e-6, "checkpointed output")
+    for g, p in zip(ref_grads, model.parameters()):
+        assert p.grad is not None
+        assert_rel_close(p.grad, g, 1e-5, "checkpointed grads")

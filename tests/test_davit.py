@@ -13,7 +13,7 @@ import timm.models._registry as registry
 import backbones.davit as davit
 from ops.channel_attention import channel_attention, channel_attention_reference
 from ops.window_attention import window_attention, window_attention_reference
-from parity_utils import assert_rel_close, load_fixture, second_sample
+from parity_utils import assert_grad_checkpointing_matches, assert_rel_close, load_fixture, second_sample
 
 OFFICIAL_FIXTURES = ["davit_official_tiny_cfg", "davit_official_tiny_overlap_noffn_cfg"]
 TIMM_FIXTURES = ["davit_timm_tiny_cfg", "davit_timm_opts_tiny_cfg", "davit_timm_fl_tiny_cfg"]
@@ -268,24 +268,7 @@ def test_features_only_and_intermediates():
 
 def test_grad_checkpointing(monkeypatch):
     torch.manual_seed(0)
-    model = timm.create_model("davit_t", **TINY).eval()
-    x = torch.randn(2, 3, 32, 30)
-    ref = model(x)
-    ref.sum().backward()
-    ref_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-
-    calls = []
-    real = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
-    model.set_grad_checkpointing(True)
-    out = model(x)
-    out.sum().backward()
-    assert calls, "no block was checkpointed"
-    assert_rel_close(out, ref, 1e-6, "checkpointed output")
-    for g, p in zip(ref_grads, model.parameters()):
-        assert p.grad is not None
-        assert_rel_close(p.grad, g, 1e-5, "checkpointed grads")
+    assert_grad_checkpointing_matches(timm.create_model("davit_t", **TINY).eval(), torch.randn(2, 3, 32, 30), monkeypatch)
 
 
 def test_train_step_and_group_matcher():

@@ -43,8 +43,8 @@ def ckpt(tmp_path_factory) -> Path:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     train(make_cfg(out, TINY_MODEL + [
-        "data.batch_size=32", "trainer.max_epochs=3", "trainer.limit_train_batches=8", "trainer.accelerator=cpu",
-        "optim.optimizer.lr=5e-3", "optim.scheduler.warmup_epochs=0",
+        "data.batch_size=32", "trainer.max_epochs=5", "trainer.limit_train_batches=8", "trainer.accelerator=cpu",
+        "optim.optimizer.lr=2e-2", "optim.scheduler.warmup_epochs=0",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=none",
         "module.ema_decay=0.9"], config="train"))
     torch.set_num_threads(n)
@@ -65,7 +65,7 @@ def test_eval_lightning_checkpoint_export_and_hub_checkpoint(ckpt, tmp_path):
     r = evaluate(make_cfg(tmp_path, FAST_BENCH + [f"ckpt={ckpt}", f"export_dir={export}"]))
     assert json.loads((tmp_path / "eval.json").read_text()) == r
     assert r["weights"].startswith("EMA weights") and r["images"] == 360 and r["num_classes"] == 10
-    assert 0 <= r["top1"] <= r["top5"] <= 100 and r["input_size"] == [3, 32, 32]
+    assert 60 <= r["top1"] <= r["top5"] <= 100 and r["input_size"] == [3, 32, 32]  # chance: 10; measured 87
     model, _ = load_eval_model("ffnet_t", None, 10, ckpt=str(ckpt))
     model.eval()
     assert r["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)

@@ -29,20 +29,37 @@ FAMILIES = [
 ]
 
 
+# (learning rate, epochs of two steps) per family: the spiking and OverLoCK models need more to leave chance
+TRAINING = {"ffnet_t": (1e-2, 8), "spikformer_8_384": (1e-2, 30), "overlock_xt": (2e-2, 12)}
+
+
+def _colour_classes(n: int, size: int, seed: int):
+    """Four classes a model separates from the mean colour alone: +R, +G, +B, -RGB, under unit-scale noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [-1, -1, -1]]) * 3
+    return torch.randn(n, 3, size, size, generator=g) + colours[y, :, None, None], y
+
+
 @pytest.mark.parametrize("name,kwargs,size", FAMILIES, ids=[f[0] for f in FAMILIES])
-def test_family_trains(name, kwargs, size, tmp_path):
+def test_family_learns(name, kwargs, size, tmp_path):
+    """The smallest variant of every family (tiny widths) learns an easy task through the Lightning module: its
+    accuracy on held-out images reaches a floor of twice chance."""
     torch.manual_seed(0)
-    x, y = torch.randn(8, 3, size, size), torch.randint(0, 4, (8,))
-    module = ImageClassifier(name, num_classes=4, model_kwargs=kwargs, optimizer=dict(opt="adamw", lr=1e-3),
-                             scheduler=dict(sched="cosine", warmup_epochs=0), ema_decay=0.9)
-    before = [p.detach().clone() for p in module.model.parameters()]
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+    x, y = _colour_classes(16, size, 0)
+    lr, epochs = TRAINING.get(name, (3e-3, 6))
+    module = ImageClassifier(name, num_classes=4, model_kwargs=kwargs, optimizer=dict(opt="adamw", lr=lr),
+                             scheduler=dict(sched="cosine", warmup_epochs=0))
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
-    assert trainer.global_step == 2
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    changed = sum(not torch.equal(a, b) for a, b in zip(before, module.model.parameters()))
-    assert changed > len(before) // 2, f"only {changed}/{len(before)} parameter tensors were updated"
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True))
+    assert trainer.global_step == 2 * epochs
+    xv, yv = _colour_classes(32, size, 1)
+    with torch.no_grad():  # batch statistics: a few steps leave BatchNorm's running estimates far behind
+        out = module.model.train()(xv)
+    out = out["main"] if isinstance(out, dict) else out  # OverLoCK's training output: main + aux logits
+    acc = (out.argmax(1) == yv).float().mean().item()
+    assert acc >= 0.5, f"{name}: held-out accuracy {acc:.2f} after {2 * epochs} steps (chance 0.25)"
 
 
 def test_model_group_resolves_every_hub_model(tmp_path):

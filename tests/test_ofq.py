@@ -9,7 +9,7 @@ import timm
 import torch
 import torch.nn as nn
 
-import backbones.ffnet  # noqa: F401
+import backbones  # noqa: F401  (registers every family)
 from backbones.quant import (OFQ, LSQQuantizer, OscillationTracker, QuantConv2d, QuantLinear, StatsQ,
                              cga_free_mask, export_quantized, load_quantized, quantize_for_checkpoint,
                              quantize_model, quantized_layers)
@@ -121,11 +121,7 @@ def test_policy_include_exclude_and_qkv_outputs():
     ("davit_t", dict(embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))),
 ])
 def test_policy_other_families_train_step(name, kw):
-    module = pytest.importorskip(f"backbones.{name.split('_')[0]}")  # noqa: F841  (registers the family)
-    try:
-        m = timm.create_model(name, num_classes=5, **kw)
-    except TypeError as e:  # a family still being finished may rename its kwargs
-        pytest.skip(f"{name} tiny config not accepted: {e}")
+    m = timm.create_model(name, num_classes=5, **kw)
     roles = quantize_model(m, dict(wbits=2, abits=2))
     assert list(roles.values()).count("edge") == 2
     assert not any(bool(q.initialized) for q in m.modules() if isinstance(q, LSQQuantizer))  # probe inits nothing
@@ -334,13 +330,9 @@ def test_lightning_fit_checkpoint_resume_and_eval_hook(tmp_path):
 
 # ---- attention: probabilities and QKR (DaViT spatial window attention) -----------------------------------------
 def _davit_tiny():
-    pytest.importorskip("backbones.davit")
     torch.manual_seed(0)
-    try:
-        return timm.create_model("davit_t", num_classes=5, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1),
-                                 num_heads=(1, 2, 4, 8), window_size=3)
-    except TypeError as e:
-        pytest.skip(f"davit tiny config not accepted: {e}")
+    return timm.create_model("davit_t", num_classes=5, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1),
+                             num_heads=(1, 2, 4, 8), window_size=3)
 
 
 def _identity_quantizers(m):
@@ -370,7 +362,6 @@ QKR_FAMILIES = ("davit_t", "halo_h1")
 
 
 def _attn_model(name):
-    pytest.importorskip(f"backbones.{name.split('_')[0].replace('halo', 'halonet')}")
     kw, size = ATTN_FAMILIES[name]
     torch.manual_seed(0)
     return timm.create_model(name, num_classes=5, **(kw() if callable(kw) else kw)), size
@@ -414,9 +405,31 @@ def test_attention_explicit_and_qkr_equal_fp_without_quantizers(name, qkr):
         torch.testing.assert_close(m(x), ref, rtol=1e-10, atol=1e-12)
 
 
+def test_families_declare_their_attention():
+    """Each family declares its attention classes (``backbones._common.ofq_attention``) and OFQ implements every
+    declared kind: a family class that loses its declaration, or a kind OFQ does not know, fails here."""
+    from backbones import davit, halonet, overlock, transnext
+    from backbones._common import OFQ_ATTENTION
+    from backbones.quant import attention as qa
+    assert OFQ_ATTENTION == {"davit_window": davit.WindowAttention, "davit_channel": davit.ChannelAttention,
+                             "halo": halonet.HaloAttention, "transnext_full": transnext.Attention,
+                             "transnext_aggregated": transnext.AggregatedAttention,
+                             "overlock_contmix": overlock.DynamicConvBlock}
+    assert set(OFQ_ATTENTION) == set(qa.SWAPS) | set(qa.HOOKS) and not set(qa.SWAPS) & set(qa.HOOKS)
+    for name in ATTN_FAMILIES:  # every module with attention heads in the model is a declared one
+        m, _ = _attn_model(name)
+        heads = {n for n, mod in m.named_modules() if hasattr(mod, "num_heads")}
+        assert heads and heads == set(qa.attention_modules(m)), name
+
+    class Undeclared(nn.Module):
+        ofq_kind = "no_such_kind"
+    with pytest.raises(ValueError, match="no_such_kind"):
+        qa.attention_modules(nn.Sequential(Undeclared()))
+
+
 def _probs_quantizers(m):
     return [(n, q) for n, q in m.named_modules() if isinstance(q, LSQQuantizer)
-            and (n.endswith("probs_q") or ".probs_quant." in n)]
+            and (n.endswith(("probs_q", "probs_quant")) or ".probs_quant." in n)]
 
 
 @pytest.mark.parametrize("name", ["halo_h1", "transnext_micro", "overlock_xt"])

@@ -8,6 +8,8 @@ import torch
 from ops import dwconv2d, dwconv2d_reference
 from ops._dispatch import triton_available
 
+from lowp import assert_rounding, lowp, to_low
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 torch.backends.cudnn.allow_tf32 = False  # the reference must be true fp32 on GPU
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -123,15 +125,38 @@ def test_module_rejects_wrong_channel_count():
         conv(torch.randn(1, 4, 8, 8))
 
 
-def test_low_precision_accumulates_in_fp32():
-    x = torch.randn(2, 8, 12, 12, device=DEVICE)
-    w = torch.randn(8, 1, 7, 7, device=DEVICE)
-    ref = dwconv2d_reference(x.double(), w.double(), None, 1, 3, 1)
-    for dt in (torch.bfloat16, torch.float16):
-        out = dwconv2d(x.to(dt), w.to(dt), None, 1, 3, 1, impl="triton")
-        assert out.dtype == dt
-        err = ((out.double() - ref).norm() / ref.norm()).item()
-        assert err < 1e-2, (dt, err)
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cl", [False, True])
+def test_low_precision_accumulates_in_fp32(dt, cl):
+    """Output and gradients within one rounding step of the fp32 reference on the same low-precision inputs."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 12, device=DEVICE, requires_grad=True)
+    x = x.to(memory_format=torch.channels_last) if cl else x
+    w, b = torch.randn(8, 1, 7, 7, device=DEVICE, requires_grad=True), torch.randn(8, device=DEVICE, requires_grad=True)
+    (xl, wl, bl), (xf, wf, bf) = lowp([x, w, b], dt)
+    out, ref = dwconv2d(xl, wl, bl, 1, 3, 1, impl="triton"), dwconv2d_reference(xf, wf, bf, 1, 3, 1)
+    assert out.dtype == dt
+    assert_rounding(out, ref, dt, what="output")
+    g = torch.randn_like(ref).to(dt)
+    for name, got, want in zip("xwb", torch.autograd.grad(out, (xl, wl, bl), g),
+                               torch.autograd.grad(ref, (xf, wf, bf), g.float())):
+        assert_rounding(got, want, dt, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_low_precision_bound_catches_low_precision_accumulation(dt):
+    """The bound above is tight enough to fail a 7x7 depthwise conv that accumulates in the low dtype, and loose
+    enough to pass the exact result rounded once (conversions as the kernels make them, see tests/lowp.py)."""
+    torch.manual_seed(0)
+    (xl, wl), (xf, wf) = lowp([torch.randn(2, 8, 12, 12), torch.randn(8, 1, 7, 7)], dt)
+    ref = dwconv2d_reference(xf, wf, None, 1, 3, 1)
+    xp, acc = torch.nn.functional.pad(xf, (3, 3, 3, 3)), torch.zeros_like(ref)
+    for i in range(7):
+        for j in range(7):
+            acc = to_low(acc + xp[:, :, i:i + 12, j:j + 12] * wf[:, 0, i, j, None, None], dt).float()
+    assert_rounding(to_low(ref, dt), ref, dt)
+    with pytest.raises(AssertionError, match="rounding step"):
+        assert_rounding(acc, ref, dt)
 
 
 def test_unsupported_arguments_fall_back_or_refuse():

@@ -12,6 +12,8 @@ import torch
 from ops._dispatch import triton_available
 from ops.halo_attention import halo_attention, halo_attention_reference
 
+from lowp import assert_rounding, lowp
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
@@ -83,17 +85,21 @@ LOW_PRECISION = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.s
 
 @pytest.mark.parametrize("dt", LOW_PRECISION)
 def test_low_precision_accumulates_in_fp32(dt):
-    q, kv, rel = (t.requires_grad_() for t in _inputs(2, 3, 6, 5, 2, 2, 4, 2, 2))
+    """Output within one rounding step of the fp32 reference on the same low-precision inputs, gradients within
+    two: the backward rounds the logit gradients to the input dtype for its tensor-core products (then sums them
+    over a window row or column for the relative tables, where they largely cancel; with halo >= block the table
+    gradient reaches ~3 steps in fp16, 1.75 for q)."""
+    (q, kv, rel), (qf, kvf, relf) = lowp([t.requires_grad_() for t in _inputs(2, 3, 6, 5, 2, 2, 4, 2, 2)], dt)
     k, v = kv.split([6, 5], 2)
-    ref = halo_attention_reference(q.double(), k.double(), v.double(), rel[0].double(), rel[1].double(), 4, 2, 2)
-    g = torch.randn_like(ref)
-    ref_grads = torch.autograd.grad(ref, (q, kv, rel), g)
-    out = halo_attention(q.to(dt), k.to(dt), v.to(dt), rel[0].to(dt), rel[1].to(dt), 4, 2, 2, impl="triton")
+    kf, vf = kvf.split([6, 5], 2)
+    ref = halo_attention_reference(qf, kf, vf, relf[0], relf[1], 4, 2, 2)
+    out = halo_attention(q, k, v, rel[0], rel[1], 4, 2, 2, impl="triton")
     assert out.dtype == dt
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2, dt
-    for got, want in zip(torch.autograd.grad(out, (q, kv, rel), g.to(dt)), ref_grads):
-        assert got.dtype == torch.float32  # the cast to dt is differentiated back to the fp32 leaves
-        assert ((got.double() - want).norm() / want.norm()).item() < 2e-2
+    assert_rounding(out, ref, dt, what="output")
+    g = torch.randn_like(ref).to(dt)
+    for name, got, want in zip(("q", "kv", "rel"), torch.autograd.grad(out, (q, kv, rel), g),
+                               torch.autograd.grad(ref, (qf, kvf, relf), g.float())):
+        assert_rounding(got, want, dt, steps=2, what=f"grad of {name}")
 
 
 def test_autocast_casts_operands():
@@ -103,9 +109,9 @@ def test_autocast_casts_operands():
     k, v = kv.split([4, 4], 2)
     with torch.autocast(DEVICE, dtype=torch.float16):  # fp16: see LOW_PRECISION
         out = halo_attention(q, k, v, rel[0], rel[1], 2, 1, impl="triton")
-        ref = halo_attention_reference(q, k, v, rel[0], rel[1], 2, 1)
+    (qh, kh, vh, rh), (qf, kf, vf, rf) = lowp([q, k, v, rel], torch.float16)
     assert out.dtype == torch.float16
-    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    assert_rounding(out, halo_attention_reference(qf, kf, vf, rf[0], rf[1], 2, 1), torch.float16)
     (grad,) = torch.autograd.grad(out.float().sum(), rel)
     assert grad.dtype == torch.float32 and grad.abs().sum() > 0
 

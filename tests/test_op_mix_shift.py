@@ -10,6 +10,8 @@ import torch
 from ops.mix_shift import mix_shift, mix_shift_chunk_sizes, mix_shift_reference
 from ops._dispatch import triton_available
 
+from lowp import assert_rounding, lowp
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 torch.backends.cudnn.allow_tf32 = False  # the reference must be true fp32 on GPU
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -81,24 +83,20 @@ def test_row_segment_kernels_match_reference(B, C, H, W, ks, shifts, bias, monke
 
 
 def test_bf16_accumulates_in_fp32():
+    """bf16 output and input gradient within one rounding step of the fp32 reference on the same bf16 inputs."""
     torch.manual_seed(0)
     x = torch.randn(2, 10, 8, 7, device=DEVICE).to(memory_format=torch.channels_last)
     ws, bs = _params(10, (MSMLP_KS, MSMLP_KS), (-2, -1, 0, 1, 2), True)
-    g = torch.randn_like(x)
-    # fp64 reference with all parameters upcast, bf16 Triton with all parameters downcast
-    ws64 = [[w.double() for w in d] for d in ws]
-    bs64 = [[b.double() for b in d] for d in bs]
-    x64 = x.double().requires_grad_()
-    ref = mix_shift_reference(x64, ws64, bs64, (-2, -1, 0, 1, 2))
-    (gref,) = torch.autograd.grad(ref, x64, g.double())
-    xb = x.bfloat16().requires_grad_()
-    out = mix_shift(xb, [[w.bfloat16() for w in d] for d in ws], [[b.bfloat16() for b in d] for d in bs],
-                    (-2, -1, 0, 1, 2), impl="triton")
-    (gout,) = torch.autograd.grad(out, xb, g.bfloat16())
+    (xb,), (xf,) = lowp([x.requires_grad_()], torch.bfloat16)
+    wb, wf = zip(*(lowp(d, torch.bfloat16) for d in ws))  # per direction: (bf16 weights, fp32 upcasts)
+    bb, bf = zip(*(lowp(d, torch.bfloat16) for d in bs))
+    ref = mix_shift_reference(xf, list(wf), list(bf), (-2, -1, 0, 1, 2))
+    out = mix_shift(xb, list(wb), list(bb), (-2, -1, 0, 1, 2), impl="triton")
+    g = torch.randn_like(ref).bfloat16()
+    (gout,), (gref,) = torch.autograd.grad(out, xb, g), torch.autograd.grad(ref, xf, g.float())
     assert out.dtype == torch.bfloat16 and gout.dtype == torch.bfloat16
-    for got, want in ((out, ref), (gout, gref)):
-        err = ((got.double() - want).norm() / want.norm()).item()
-        assert err < 1e-2, err
+    assert_rounding(out, ref, torch.bfloat16, what="output")
+    assert_rounding(gout, gref, torch.bfloat16, what="grad of x")
 
 
 def test_dispatch_fp64_and_dtype_checks():

@@ -9,6 +9,8 @@ import torch
 from ops._dispatch import triton_available
 from ops.spiking_attention import spiking_attention, spiking_attention_reference
 
+from lowp import assert_rounding
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
@@ -34,14 +36,12 @@ LIF_MODES = [dict(), dict(v_reset=None), dict(detach_reset=False), dict(v_reset=
                                                                           decay_input=False)]
 
 
-def _rel(a, b):
-    return ((a.float() - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("lif", LIF_MODES)
 @pytest.mark.parametrize("T,B,H,N,d,scale,p,cl", CASES)
 def test_fused_kernel_matches_reference(T, B, H, N, d, scale, p, cl, lif):
-    """The fused kernel (fp16 here): spikes exactly the fp32 reference's, gradients within fp16 rounding."""
+    """The fused kernel (fp16 here): spikes exactly the fp32 reference's; gradients within two fp16 rounding steps
+    of the fp32 reference's: the backward rounds dL/dx and d(k^T v) to fp16 for its matmuls (measured up to
+    1.05 steps for dk)."""
     q, k, v = (_heads(T, B, H, N, d, seed=i + N, channels_last=cl, p=p, dtype=torch.float16).requires_grad_()
                for i in range(3))
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
@@ -52,10 +52,10 @@ def test_fused_kernel_matches_reference(T, B, H, N, d, scale, p, cl, lif):
     assert torch.equal(out.float(), ref), f"{int((out.float() != ref).sum())} spikes differ"
     # the result folds back into (T, B, C, N) without a copy
     assert out.transpose(-1, -2).reshape(T, B, H * d, N).data_ptr() == out.data_ptr()
-    g = torch.randn(ref.shape, device=DEVICE)
-    grads = torch.autograd.grad(out, (q, k, v), g.half())
-    for name, got, want in zip("qkv", grads, torch.autograd.grad(ref, (qf, kf, vf), g)):
-        assert _rel(got, want) < 1e-2, (name, _rel(got, want))
+    g = torch.randn(ref.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(N)).half()
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for name, got, want in zip("qkv", grads, torch.autograd.grad(ref, (qf, kf, vf), g.float())):
+        assert_rounding(got, want, torch.float16, steps=2, what=f"grad of {name}")
 
 
 @pytest.mark.parametrize("lif", LIF_MODES[:2])

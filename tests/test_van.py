@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import backbones.van as van
 from ops.lka import lka, lka_reference
-from tests.parity_utils import assert_rel_close, load_fixture, second_sample
+from tests.parity_utils import assert_grad_checkpointing_matches, assert_rel_close, load_fixture, second_sample
 
 FIXTURE = "van_tiny_cfg"
 NAMES = [f"van_b{i}" for i in range(7)]
@@ -221,24 +221,7 @@ def test_features_only_and_intermediates():
 
 def test_grad_checkpointing(monkeypatch):
     torch.manual_seed(0)
-    model = timm.create_model("van_b0", **TINY).eval()
-    x = torch.randn(2, 3, 32, 32)
-    ref = model(x)
-    ref.sum().backward()
-    ref_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-
-    calls = []
-    real = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
-    model.set_grad_checkpointing(True)
-    out = model(x)
-    out.sum().backward()
-    assert calls, "no block was checkpointed"
-    assert_rel_close(out, ref, 1e-6, "checkpointed output")
-    for g, p in zip(ref_grads, model.parameters()):
-        assert p.grad is not None
-        assert_rel_close(p.grad, g, 1e-5, "checkpointed grads")
+    assert_grad_checkpointing_matches(timm.create_model("van_b0", **TINY).eval(), torch.randn(2, 3, 32, 32), monkeypatch)
 
 
 def test_train_step_and_group_matcher():

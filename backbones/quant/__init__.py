@@ -27,8 +27,7 @@ equal one process at the same global batch. ``torch.compile``: a quantized model
 its LSQ steps are initialised (one eager forward, which the callback runs on the first batch); the initialisation
 itself is eager-only.
 """
-from .attention import (ContMixProbs, QKRAttention, QuantAggregatedAttention, QuantChannelAttention,
-                        QuantHaloAttention, QuantTransNeXtAttention, QuantWindowAttention, attention_modules,
+from .attention import (ContMixProbs, QKRAttention, QuantHaloAttention, QuantWindowAttention, attention_modules,
                         quantize_attention)
 from .callback import OFQ
 from .export import export_checkpoint, export_quantized, is_ofq_export, load_quantized, quantize_for_checkpoint
@@ -36,8 +35,7 @@ from .modules import QUANT_LAYERS, QuantConfig, QuantConv2d, QuantLinear, quanti
 from .oscillation import OscillationTracker, cga_free_mask
 from .quantizers import LSQQuantizer, LearnableShift, StatsQ
 
-__all__ = ["ContMixProbs", "OFQ", "QKRAttention", "QUANT_LAYERS", "QuantAggregatedAttention", "QuantChannelAttention",
-           "QuantConfig", "QuantConv2d", "QuantHaloAttention", "QuantLinear", "QuantTransNeXtAttention",
-           "QuantWindowAttention", "attention_modules", "cga_free_mask", "export_checkpoint", "export_quantized",
+__all__ = ["ContMixProbs", "OFQ", "QKRAttention", "QUANT_LAYERS", "QuantConfig", "QuantConv2d", "QuantHaloAttention",
+           "QuantLinear", "QuantWindowAttention", "attention_modules", "cga_free_mask", "export_checkpoint", "export_quantized",
            "is_ofq_export", "load_quantized", "LSQQuantizer", "LearnableShift", "OscillationTracker",
            "quantize_attention", "quantize_for_checkpoint", "quantize_model", "quantized_layers", "StatsQ"]

@@ -3,22 +3,26 @@ and, where the attention has explicit q and k projections, OFQ's query-key repar
 
 Every family's attention runs its softmax inside a fused op (``ops.window_attention`` / ``channel_attention`` /
 ``halo_attention`` / ``aggregated_attention``, SDPA) or hands the probabilities to one (OverLoCK's ``na2d_av``).
-The quantized modules below compute the attention explicitly, with the op's reference math, so that the
-probabilities exist as a tensor; with every quantizer switched off each equals the family's module (tested).
-They adopt the original module's parameters and submodules, so state-dict keys are unchanged.
+The families declare these modules with ``backbones._common.ofq_attention(kind)``; ``SWAPS`` and ``HOOKS`` below
+say how each kind is quantized:
+  * hooks: the family module has a ``probs_quant`` slot; while a quantizer sits there it computes the attention
+    explicitly (the op's reference math, in the family file) and passes the probabilities through it;
+  * swaps (the kinds with QKR, whose logits QKR computes differently): an explicit module here replaces the family
+    module, adopting its parameters and submodules (state-dict keys unchanged).
+With every quantizer switched off each equals the family's fused module (tested).
 
 Probability quantizer (official ``QAttention``: unsigned LSQ, one step per query token). Granularity per family:
   * DaViT spatial window attention (``QuantWindowAttention``): windows of fixed ``N = window**2`` tokens: one step
     per query token of the window (official);
   * HaloNet (``QuantHaloAttention``): every query block has the same ``(block/stride)**2`` queries attending their
     haloed window: one step per query position inside the block (the official rule, resolution independent);
-  * DaViT channel attention (``QuantChannelAttention``): the map is ``head_dim x head_dim`` (channels attend to
+  * DaViT channel attention (hook): the map is ``head_dim x head_dim`` (channels attend to
     channels): one step per query channel (fixed count);
-  * TransNeXt full and aggregated attention (``QuantTransNeXtAttention``, ``QuantAggregatedAttention``): the number
+  * TransNeXt full and aggregated attention (hooks): the number
     of query tokens ``H*W`` depends on the resolution: ONE STEP PER HEAD. Aggregated attention quantizes the
     softmax weights (local window and pooled tokens, one softmax); the learnable-token term added to the local
     weights after the softmax (a signed, query-dependent bias, not a probability) stays full precision;
-  * OverLoCK ContMix (``ContMixProbs``, set as ``DynamicConvBlock.probs_quant``): its two softmax-normalised
+  * OverLoCK ContMix (hook, ``ContMixProbs``): its two softmax-normalised
     dynamic kernels (``5x5`` and ``kxk``, one per pixel) go to ``na2d_av``; the pixel count depends on the
     resolution: ONE STEP PER HEAD, a quantizer per kernel.
 The probabilities are quantized before attention dropout.
@@ -40,21 +44,18 @@ get no gradient (official ``StatsQuantizer_specific_4_qkreparam_cga``).
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ops.aggregated_attention import aggregated_attention_reference
 from ops.halo_attention import halo_attention_explicit
 
 from .oscillation import cga_free_mask
 from .quantizers import LSQQuantizer, LearnableShift, StatsQ
 
-__all__ = ["ContMixProbs", "QKRAttention", "QuantAggregatedAttention", "QuantChannelAttention",
-           "QuantHaloAttention", "QuantTransNeXtAttention", "QuantWindowAttention", "attention_modules",
+__all__ = ["ContMixProbs", "QKRAttention", "QuantHaloAttention", "QuantWindowAttention", "attention_modules",
            "quantize_attention"]
 
 
@@ -92,10 +93,6 @@ def _adopt(dst: nn.Module, m: nn.Module, attrs: Tuple[str, ...]) -> None:
 
 def _probs_quantizer(probs: bool, abits: int, channels: int, dim: int) -> Optional[LSQQuantizer]:
     return LSQQuantizer(abits, channels, dim=dim, signed=False) if probs else None
-
-
-def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    return F.dropout(x, p) if training and p > 0 else x
 
 
 def _q(quantizer: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -191,26 +188,6 @@ class QuantWindowAttention(QKRAttention):
         return self.proj(out[:, :H, :W])
 
 
-class QuantChannelAttention(nn.Module):
-    """DaViT's channel attention (``backbones.davit.ChannelAttention``, ``ops.channel_attention_reference``
-    math), explicit; the ``d x d`` probabilities one step per query channel."""
-
-    def __init__(self, m: nn.Module, abits: int, wbits: int, qkr: bool = False, probs: bool = True):
-        super().__init__()
-        _adopt(self, m, ("num_heads", "version"))
-        self.probs_q = _probs_quantizer(probs, abits, m.qkv.in_features // self.num_heads, -2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        N, h = H * W, self.num_heads
-        d = C // h
-        q, k, v = self.qkv(x.reshape(B, N, C)).reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        a, b, c, scale = (k, v, q, d ** -0.5) if self.version == 1 else (q, k, v, N ** -0.5)
-        probs = _q(self.probs_q, ((a * scale).transpose(-2, -1) @ b).softmax(dim=-1))  # (B, h, d, d)
-        out = (c @ probs.transpose(-2, -1)).transpose(1, 2).reshape(B, N, C)
-        return self.proj(out).reshape(B, H, W, C)
-
-
 # ---- HaloNet -----------------------------------------------------------------------------------------------------
 def _shifted(abits: int, channels: int, steps: int, signed: Optional[bool] = True):
     """``(shift before, LSQ with ``steps`` steps along dim 1, shift after)`` over ``channels`` channels (dim 1)."""
@@ -279,50 +256,6 @@ class QuantHaloAttention(QKRAttention):
         return self.pool(out)
 
 
-# ---- TransNeXt ---------------------------------------------------------------------------------------------------
-class QuantTransNeXtAttention(nn.Module):
-    """TransNeXt's full attention (``backbones.transnext.Attention``: scaled cosine attention + cpb bias, SDPA),
-    explicit; probabilities one step per head (the token count depends on the resolution)."""
-
-    def __init__(self, m: nn.Module, abits: int, wbits: int, qkr: bool = False, probs: bool = True):
-        super().__init__()
-        _adopt(self, m, ("num_heads", "head_dim", "attn_drop"))
-        self.probs_q = _probs_quantizer(probs, abits, self.num_heads, 1)
-
-    def forward(self, x: torch.Tensor, size, pool_size, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        from backbones.transnext import cpb_bias
-
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
-        bias = cpb_bias(self.cpb_fc1, self.cpb_fc2, index, table, N, N)
-        q = (F.normalize(q, dim=-1) + self.query_embedding) * F.softplus(self.temperature) * math.log(N)
-        probs = (q @ F.normalize(k, dim=-1).transpose(-2, -1) + bias.to(q.dtype)).softmax(dim=-1)
-        probs = _dropout(_q(self.probs_q, probs), self.attn_drop, self.training)
-        return self.proj_drop(self.proj((probs @ v).transpose(1, 2).reshape(B, N, C)))
-
-
-class QuantAggregatedAttention(nn.Module):
-    """TransNeXt's aggregated attention (``backbones.transnext.AggregatedAttention``,
-    ``ops.aggregated_attention_reference`` math), explicit; the softmax weights (local + pooled) one step per head."""
-
-    def __init__(self, m: nn.Module, abits: int, wbits: int, qkr: bool = False, probs: bool = True):
-        super().__init__()
-        _adopt(self, m, ("num_heads", "head_dim", "attn_drop", "window_size"))
-        self.probs_q = _probs_quantizer(probs, abits, self.num_heads, 1)
-
-    def forward(self, x: torch.Tensor, size, pool_size, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        from backbones.transnext import AggregatedAttention, cpb_bias
-
-        B, N, C = x.shape
-        q, k, v, k_pool, v_pool = AggregatedAttention.project(self, x, size, pool_size)  # same submodules
-        out = aggregated_attention_reference(
-            q, k, v, k_pool, v_pool, self.temperature, self.query_embedding, self.relative_pos_bias_local,
-            cpb_bias(self.cpb_fc1, self.cpb_fc2, index, table, N, k_pool.shape[2]), self.learnable_tokens,
-            self.learnable_bias, size, self.window_size, self.attn_drop if self.training else 0.0,
-            probs_fn=lambda p: _q(self.probs_q, p))
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
-
-
 # ---- OverLoCK ----------------------------------------------------------------------------------------------------
 class ContMixProbs(nn.Module):
     """Quantizers of OverLoCK ContMix's two dynamic kernels (``[B, heads, H, W, taps]`` softmax outputs), set as
@@ -338,25 +271,40 @@ class ContMixProbs(nn.Module):
 
 
 # ---- which modules -----------------------------------------------------------------------------------------------
-_SWAPS = {  # (family module, class name) -> quantized module
-    ("backbones.davit", "WindowAttention"): QuantWindowAttention,
-    ("backbones.davit", "ChannelAttention"): QuantChannelAttention,
-    ("backbones.halonet", "HaloAttention"): QuantHaloAttention,
-    ("backbones.transnext", "Attention"): QuantTransNeXtAttention,
-    ("backbones.transnext", "AggregatedAttention"): QuantAggregatedAttention,
-}
-_OVERLOCK = ("backbones.overlock", "DynamicConvBlock")
+# The families declare their attention modules (``backbones._common.ofq_attention``); each declared kind is either
+# swapped for an explicit module here (the QKR-capable ones) or given a probability quantizer through its
+# ``probs_quant`` hook (the family module then computes the attention explicitly itself).
+def _per_head_probs(m: nn.Module, abits: int) -> nn.Module:  # (B, heads, queries, keys): the token count varies
+    return LSQQuantizer(abits, m.num_heads, dim=1, signed=False)
+
+
+def _per_query_channel_probs(m: nn.Module, abits: int) -> nn.Module:  # (B, heads, d, d): d queries, fixed
+    return LSQQuantizer(abits, m.qkv.in_features // m.num_heads, dim=-2, signed=False)
+
+
+def _contmix_probs(m: nn.Module, abits: int) -> nn.Module:
+    return ContMixProbs(m.num_heads, abits)
+
+
+SWAPS = {"davit_window": QuantWindowAttention, "halo": QuantHaloAttention}  # kind -> explicit module
+HOOKS = {"davit_channel": _per_query_channel_probs, "transnext_full": _per_head_probs,  # kind -> probs_quant
+         "transnext_aggregated": _per_head_probs, "overlock_contmix": _contmix_probs}
 
 
 def _kind(m: nn.Module):
-    key = (type(m).__module__, type(m).__name__)
-    if key == _OVERLOCK and getattr(m, "probs_quant", None) is None:
-        return ContMixProbs
-    return _SWAPS.get(key)
+    """The swap class or hook factory for ``m``; None when ``m`` is no declared attention or is quantized already."""
+    kind = getattr(type(m), "ofq_kind", None)
+    if kind is None:
+        return None
+    if kind in SWAPS:
+        return SWAPS[kind]
+    if kind in HOOKS:
+        return HOOKS[kind] if getattr(m, "probs_quant", None) is None else None
+    raise ValueError(f"{type(m).__qualname__} declares the OFQ attention kind {kind!r}, which backbones.quant.attention "
+                     f"does not implement (known: {sorted(SWAPS) + sorted(HOOKS)})")
 
 
-def supports_qkr(m: nn.Module) -> bool:
-    kind = m if isinstance(m, type) else _kind(m)
+def supports_qkr(kind) -> bool:
     return isinstance(kind, type) and issubclass(kind, QKRAttention)
 
 
@@ -383,9 +331,9 @@ def qkr_owned(model: nn.Module, names: List[str]) -> List[str]:
 
 def quantize_attention(model: nn.Module, names: list, abits: int, wbits: int, qkr: bool = False,
                        attn_probs: bool = True) -> Dict[str, str]:
-    """Swap the attention modules ``names`` (from ``attention_modules``) for their quantized version (after the
-    linears were swapped; OverLoCK: set its ``probs_quant``). Returns ``{name: role}``, role ``attention_qkr``
-    where QKR applies, else ``attention``."""
+    """Quantize the attention modules ``names`` (from ``attention_modules``; after the linears were swapped): swap
+    in the explicit module, or set the family module's ``probs_quant``. Returns ``{name: role}``, role
+    ``attention_qkr`` where QKR applies, else ``attention``."""
     roles = {}
     for n in names:
         m = model.get_submodule(n)
@@ -393,11 +341,12 @@ def quantize_attention(model: nn.Module, names: list, abits: int, wbits: int, qk
         if kind is None:
             raise ValueError(f"{n} ({type(m).__name__}) is not a supported attention module")
         use_qkr = qkr and supports_qkr(kind)
-        if kind is ContMixProbs:
-            m.probs_quant = ContMixProbs(m.num_heads, abits).to(next(m.parameters()).device)
-        else:
+        device = next(m.parameters()).device
+        if isinstance(kind, type):
             parent, _, child = n.rpartition(".")
-            q = kind(m, abits, wbits, use_qkr, attn_probs).to(next(m.parameters()).device)
-            setattr(model.get_submodule(parent) if parent else model, child, q)
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    kind(m, abits, wbits, use_qkr, attn_probs).to(device))
+        else:
+            m.probs_quant = kind(m, abits).to(device)
         roles[n] = "attention_qkr" if use_qkr else "attention"
     return roles
