@@ -293,3 +293,12 @@ def test_aux_logits_need_aux_loss_weight():
     torch.testing.assert_close(m.training_step((x, y), 0), 1.4 * plain)
     m.model.forward = lambda inp: dict(main=forward(inp), aux=forward(inp))  # OverLoCK's training output
     torch.testing.assert_close(m.training_step((x, y), 0), 1.4 * plain)
+
+
+def test_compile_takes_a_mode():
+    """module.compile: true/false or one of torch.compile's modes; a typo is one clear error."""
+    kw = dict(model_kwargs=dict(embed_dim=(16, 32, 64, 128), depth=(1, 1, 1, 1), in_dim=16))
+    m = ImageClassifier("ffnet_t", 10, compile="reduce-overhead", **kw)
+    assert m._cuda_graphs and m._compiled is not None
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        ImageClassifier("ffnet_t", 10, compile="reduce_overhead", **kw)

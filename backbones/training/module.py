@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import lightning as L
 import timm
@@ -76,7 +76,9 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: for hard targets (the Mixup soft targets carry their own smoothing).
         ema_decay: EMA of the weights with this decay (None or 0: no EMA); ``ema_warmup`` uses timm's decay warm-up.
         channels_last: model and inputs in channels-last memory format.
-        compile: run the model through ``torch.compile`` (the state_dict keeps its plain keys).
+        compile: run the model through ``torch.compile`` (the state_dict keeps its plain keys): ``True`` for its
+            default mode, or a mode name; ``"reduce-overhead"`` replays CUDA graphs, which removes the per-launch
+            host time that bounds small models (BENCHMARKS.md: the fastest way to train them on the hub's ops).
         freeze_bn: BatchNorm -> FrozenBatchNorm2d (running statistics, no batch statistics).
     """
 
@@ -92,7 +94,7 @@ class ImageClassifier(L.LightningModule):
             ema_decay: Optional[float] = None,
             ema_warmup: bool = False,
             channels_last: bool = False,
-            compile: bool = False,
+            compile: Union[bool, str] = False,
             freeze_bn: bool = False,
     ):
         super().__init__()
@@ -108,13 +110,20 @@ class ImageClassifier(L.LightningModule):
             self.ema.requires_grad_(False)  # updated by copying, never by the optimizer (and ignored by DDP)
         self._ema_step = -1
         # a plain attribute, not a registered submodule, so the state_dict keeps the model's own keys
-        object.__setattr__(self, "_compiled", torch.compile(model) if compile else None)
+        if isinstance(compile, str) and compile not in torch._inductor.list_mode_options():
+            raise ValueError(f"module.compile must be true, false or one of torch.compile's modes "
+                             f"{sorted(torch._inductor.list_mode_options())}, got {compile!r}")
+        mode = compile if isinstance(compile, str) else None
+        object.__setattr__(self, "_compiled", torch.compile(model, mode=mode) if compile else None)
+        self._cuda_graphs = mode == "reduce-overhead"
         self.soft_ce = SoftTargetCrossEntropy()
         self._seen, self._t0, self._t1 = 0, 0.0, 0.0
         self.val_acc = _accuracy(num_classes, "val/")
         self.val_ema_acc = _accuracy(num_classes, "val_ema/") if self.ema is not None else None
 
     def forward(self, x: torch.Tensor):
+        if self._cuda_graphs:  # each step's graph replay may overwrite the previous step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         return (self.model if self._compiled is None else self._compiled)(x)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
