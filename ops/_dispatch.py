@@ -30,6 +30,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype for ``x``'s device type while autocast is on there, else None. Device types autocast does
+    not know (``meta``, on which timm builds and traces models without memory) count as autocast off instead of
+    raising inside ``torch.is_autocast_enabled``."""
+    device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def resolve_impl(impl: Optional[str], x: torch.Tensor, supported: bool = True, preferred: bool = True) -> str:
     """Return ``'reference'`` or ``'triton'`` for an op call on tensor ``x``.
 
