@@ -8,12 +8,12 @@ from typing import Optional
 
 from .checkpoint import AtomicCheckpointIO, atomic_write, export_hub, read_checkpoint, write_json
 from .data import DigitsDataset, ImageDataModule
-from .evaluate import count_flops, evaluate, load_eval_model, measure_throughput
+from .evaluate import count_macs, evaluate, load_eval_model, measure_throughput
 from .module import ImageClassifier, create_model
 from .train import instantiate_all, instantiate_data, train
 
 __all__ = [
-    "AtomicCheckpointIO", "DigitsDataset", "ImageClassifier", "ImageDataModule", "atomic_write", "count_flops",
+    "AtomicCheckpointIO", "DigitsDataset", "ImageClassifier", "ImageDataModule", "atomic_write", "count_macs",
     "create_model", "measure_throughput",
     "evaluate", "export_hub", "instantiate_all", "instantiate_data", "load_eval_model", "read_checkpoint", "register_model_configs",
     "train", "write_json",
