@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, trunc_normal_
+from timm.layers import (ClassifierHead, DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, get_device_dtype,
+                         trunc_normal_)
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -48,9 +49,9 @@ __all__ = ["DaVit"]
 class ConvPosEnc(nn.Module):
     """Conditional positional encoding: ``x + act(dwconv3x3(x))`` on NCHW maps (act: Identity, or GELU if cpe_act)."""
 
-    def __init__(self, dim: int, act: bool = False):
+    def __init__(self, dim: int, act: bool = False, device=None, dtype=None):
         super().__init__()
-        self.proj = DWConv2d(dim, 3)
+        self.proj = DWConv2d(dim, 3, device=device, dtype=dtype)
         self.act = nn.GELU() if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,10 +61,11 @@ class ConvPosEnc(nn.Module):
 class Stem(nn.Module):
     """Zero-pad right/bottom to a multiple of 4, conv 7x7 stride 4 (padding 3), LayerNorm over channels."""
 
-    def __init__(self, in_chs: int, out_chs: int, norm_eps: float):
+    def __init__(self, in_chs: int, out_chs: int, norm_eps: float, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, 7, stride=4, padding=3)
-        self.norm = LayerNorm2d(out_chs, eps=norm_eps)
+        self.conv = nn.Conv2d(in_chs, out_chs, 7, stride=4, padding=3, **dd)
+        self.norm = LayerNorm2d(out_chs, eps=norm_eps, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, -x.shape[-1] % 4, 0, -x.shape[-2] % 4))
@@ -74,12 +76,13 @@ class Downsample(nn.Module):
     """LayerNorm over channels, zero-pad right/bottom to even H/W, conv stride 2: kernel 2 (padding 0) or kernel 3
     (padding 1, the official ``overlapped_patch``)."""
 
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, norm_eps: float):
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, norm_eps: float, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         if kernel_size not in (2, 3):
             raise ValueError(f"down_kernel_size must be 2 or 3, got {kernel_size}")
-        self.norm = LayerNorm2d(in_chs, eps=norm_eps)
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=2, padding=(kernel_size - 1) // 2)
+        self.norm = LayerNorm2d(in_chs, eps=norm_eps, **dd)
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=2, padding=(kernel_size - 1) // 2, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
@@ -92,12 +95,13 @@ class WindowAttention(nn.Module):
     """Window self-attention on a channels-last map ``(B, H, W, C)``: zero-pad to a multiple of the window (the
     padded tokens get the qkv bias and are attended to, unmasked, as in the official code), attend, crop, project."""
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.num_heads = num_heads
         self.window_size = window_size
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[1:3]
@@ -113,12 +117,14 @@ class ChannelAttention(nn.Module):
     2: Florence-2; see ``ops.channel_attention`` for the exact roles and scales). ``probs_quant`` (set by OFQ)
     quantizes the ``d x d`` attention weights; the fused op has no hook for them, so the reference runs then."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, version: int = 1):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, version: int = 1, device=None,
+                 dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.num_heads = num_heads
         self.version = version
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.probs_quant = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,14 +143,15 @@ class DaVitBlock(nn.Module):
     only when ``ffn``). Norms and the attention work on channels-last tokens."""
 
     def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float, ffn: bool, cpe_act: bool,
-                 norm_eps: float):
+                 norm_eps: float, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.cpe1 = ConvPosEnc(dim, cpe_act)
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.cpe1 = ConvPosEnc(dim, cpe_act, **dd)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **dd)
         self.attn = attn
-        self.cpe2 = ConvPosEnc(dim, cpe_act)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps) if ffn else None
-        self.mlp = Mlp(dim, int(dim * mlp_ratio)) if ffn else None
+        self.cpe2 = ConvPosEnc(dim, cpe_act, **dd)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd) if ffn else None
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), **dd) if ffn else None
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,20 +171,21 @@ class DaVitStage(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, depth: int, downsample: bool, attn_types: Sequence[str],
                  num_heads: int, window_size: int, mlp_ratio: float, qkv_bias: bool, drop_path: Sequence[float],
                  ffn: bool, cpe_act: bool, down_kernel_size: int, channel_attn_version: int, named_blocks: bool,
-                 norm_eps: float):
+                 norm_eps: float, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.grad_checkpointing = False
-        self.downsample = Downsample(in_chs, out_chs, down_kernel_size, norm_eps) if downsample else nn.Identity()
+        self.downsample = Downsample(in_chs, out_chs, down_kernel_size, norm_eps, **dd) if downsample else nn.Identity()
         blocks, dp = [], iter(drop_path)
         for _ in range(depth):
             dual = OrderedDict()
             for i, kind in enumerate(attn_types):
                 if kind == "spatial":
-                    attn = WindowAttention(out_chs, num_heads, window_size, qkv_bias)
+                    attn = WindowAttention(out_chs, num_heads, window_size, qkv_bias, **dd)
                 else:
-                    attn = ChannelAttention(out_chs, num_heads, qkv_bias, channel_attn_version)
+                    attn = ChannelAttention(out_chs, num_heads, qkv_bias, channel_attn_version, **dd)
                 dual[f"{kind}_block" if named_blocks else str(i)] = DaVitBlock(
-                    out_chs, attn, mlp_ratio, next(dp), ffn, cpe_act, norm_eps)
+                    out_chs, attn, mlp_ratio, next(dp), ffn, cpe_act, norm_eps, **dd)
             blocks.append(nn.Sequential(dual))
         self.blocks = nn.Sequential(*blocks)
 
@@ -209,6 +217,7 @@ class DaVit(nn.Module):
         head_norm_first: LayerNorm on the map before pooling (timm option) instead of pool -> LayerNorm (official).
         norm_eps: epsilon of every LayerNorm.
         global_pool, drop_rate, drop_path_rate: as in timm (drop-path: the official per-sub-block schedule).
+        device, dtype: where and in which dtype the parameters are created (timm's factory keywords).
     """
 
     def __init__(
@@ -232,7 +241,10 @@ class DaVit(nn.Module):
             global_pool: str = "avg",
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            device=None,
+            dtype=None,
     ):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         num_stages = len(depths)
         if not len(embed_dims) == len(num_heads) == num_stages:
@@ -246,7 +258,7 @@ class DaVit(nn.Module):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = False
 
-        self.stem = Stem(in_chans, embed_dims[0], norm_eps)
+        self.stem = Stem(in_chans, embed_dims[0], norm_eps, **dd)
         # official schedule: one rate per sub-block, linear over all of them
         n_sub, n_all = len(attn_types), len(attn_types) * sum(depths)
         dpr = [drop_path_rate * i / max(n_all - 1, 1) for i in range(n_all)]
@@ -255,19 +267,21 @@ class DaVit(nn.Module):
         for i in range(num_stages):
             stages.append(DaVitStage(
                 in_chs, embed_dims[i], depths[i], i > 0, attn_types, num_heads[i], window_size, mlp_ratio, qkv_bias,
-                dpr[n_sub * sum(depths[:i]):n_sub * sum(depths[:i + 1])], ffn, cpe_act, down_kernel_size, 2 if channel_attn_v2 else 1, named_blocks, norm_eps))
+                dpr[n_sub * sum(depths[:i]):n_sub * sum(depths[:i + 1])], ffn, cpe_act, down_kernel_size, 2 if channel_attn_v2 else 1, named_blocks, norm_eps,
+                **dd))
             in_chs = embed_dims[i]
             self.feature_info.append(dict(num_chs=in_chs, reduction=2 ** (i + 2), module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
 
         norm_layer = partial(LayerNorm2d, eps=norm_eps)
         if head_norm_first:  # timm option: norm -> pool -> fc
-            self.norm_pre = norm_layer(self.num_features)
-            self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+            self.norm_pre = norm_layer(self.num_features, **dd)
+            self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                       **dd)
         else:  # official: pool -> norm -> fc
             self.norm_pre = nn.Identity()
             self.head = NormMlpClassifierHead(self.num_features, num_classes, pool_type=global_pool,
-                                              drop_rate=drop_rate, norm_layer=norm_layer)
+                                              drop_rate=drop_rate, norm_layer=norm_layer, **dd)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -301,10 +315,11 @@ class DaVit(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
         self.num_classes = num_classes
+        dd = get_device_dtype(self)
         if isinstance(self.head, NormMlpClassifierHead):
-            self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
+            self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features, **dd)
         else:
-            self.head.reset(num_classes, global_pool)
+            self.head.reset(num_classes, global_pool, **dd)
 
     def _check_input(self, x: torch.Tensor) -> None:
         # any H, W >= 1 works: stem, downsamples and windows pad right/bottom as the official code

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale2d, SEModule
+from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale2d, SEModule, get_device_dtype
 from timm.models import (checkpoint_seq, generate_default_cfgs,
                          register_model, register_model_deprecations)
 
@@ -51,13 +51,13 @@ def _fuse_bn(weight: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, to
 
 def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
     """A conv with ``conv``'s geometry (depthwise convs stay DWConv2d) holding the given fused weight and bias."""
+    dd = {"device": weight.device, "dtype": weight.dtype}
     if isinstance(conv, DWConv2d):
         fused = DWConv2d(conv.in_channels, weight.shape[-1], conv.stride, conv.padding, conv.dilation, bias=True,
-                         out_dim=conv.out_channels)
+                         out_dim=conv.out_channels, **dd)
     else:
         fused = nn.Conv2d(conv.in_channels, conv.out_channels, weight.shape[-2:], conv.stride, conv.padding,
-                          conv.dilation, conv.groups, bias=True)
-    fused = fused.to(device=weight.device, dtype=weight.dtype)
+                          conv.dilation, conv.groups, bias=True, **dd)
     fused.weight.copy_(weight)
     fused.bias.copy_(bias)
     return fused
@@ -66,13 +66,16 @@ def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.
 class ConvBn(nn.Sequential):
     """Bias-free conv followed by BatchNorm (official ``Conv2d_BN``); depthwise convs go through ``ops``."""
 
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, groups: int = 1):
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
+                 device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         if groups == in_chs and groups > 1:  # depthwise (possibly with a channel multiplier)
-            self.c = DWConv2d(in_chs, kernel_size, stride, bias=False, out_dim=out_chs)
+            self.c = DWConv2d(in_chs, kernel_size, stride, bias=False, out_dim=out_chs, **dd)
         else:
-            self.c = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(out_chs)
+            self.c = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False,
+                               **dd)
+        self.bn = nn.BatchNorm2d(out_chs, **dd)
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:
@@ -82,10 +85,11 @@ class ConvBn(nn.Sequential):
 class BnConvSkip(nn.Module):
     """``x + conv1x1(BN(x))`` (official ``Conv2d_BN_skip`` around ``BN_Conv2d``): the downsample's channel mixer."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.bn = nn.BatchNorm2d(dim)
-        self.c = nn.Conv2d(dim, dim, 1, bias=False)
+        self.bn = nn.BatchNorm2d(dim, **dd)
+        self.c = nn.Conv2d(dim, dim, 1, bias=False, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c(self.bn(x)) + x
@@ -106,13 +110,15 @@ class RepDwConv(nn.Module):
     ``out_chs`` may be a multiple of ``in_chs`` (groups=in_chs, a channel multiplier), as in the stage transitions.
     """
 
-    def __init__(self, in_chs: int, out_chs: Optional[int] = None, kernel_size: int = 7, stride: int = 1):
+    def __init__(self, in_chs: int, out_chs: Optional[int] = None, kernel_size: int = 7, stride: int = 1,
+                 device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         out_chs = out_chs or in_chs
         if out_chs % in_chs:
             raise ValueError(f"depthwise conv needs out_chs to be a multiple of in_chs, got {in_chs} -> {out_chs}")
-        self.conv = ConvBn(in_chs, out_chs, kernel_size, stride, groups=in_chs)
-        self.conv1 = ConvBn(in_chs, out_chs, kernel_size // 2, stride, groups=in_chs)
+        self.conv = ConvBn(in_chs, out_chs, kernel_size, stride, groups=in_chs, **dd)
+        self.conv1 = ConvBn(in_chs, out_chs, kernel_size // 2, stride, groups=in_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x) + self.conv1(x)
@@ -125,24 +131,25 @@ class RepDwConv(nn.Module):
         return _conv_like(self.conv.c, w + F.pad(w1, [pad] * 4), b + b1)
 
 
-def _dw(dim: int, kernel_size: int, bias_free_bn: bool) -> nn.Module:
+def _dw(dim: int, kernel_size: int, bias_free_bn: bool, **dd) -> nn.Module:
     """The official rule: kernel 7 -> RepVGG branch pair; otherwise a plain depthwise conv (with bias) or conv+BN."""
     if kernel_size == 7:
-        return RepDwConv(dim, dim, kernel_size)
+        return RepDwConv(dim, dim, kernel_size, **dd)
     if bias_free_bn:
-        return ConvBn(dim, dim, kernel_size, groups=dim)
-    return DWConv2d(dim, kernel_size)
+        return ConvBn(dim, dim, kernel_size, groups=dim, **dd)
+    return DWConv2d(dim, kernel_size, **dd)
 
 
 class FFNifiedAttention(nn.Module):
     """Token mixer: 1x1 conv+BN -> depthwise conv (ks1) -> act -> depthwise conv (ks2) (official ``Token_Mixer``)."""
 
-    def __init__(self, dim: int, ks1: int, ks2: int, act_layer: type = nn.GELU):
+    def __init__(self, dim: int, ks1: int, ks2: int, act_layer: type = nn.GELU, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.fc = ConvBn(dim, dim)
-        self.conv1 = _dw(dim, ks1, bias_free_bn=False)
+        self.fc = ConvBn(dim, dim, **dd)
+        self.conv1 = _dw(dim, ks1, bias_free_bn=False, **dd)
         self.act = act_layer()
-        self.conv2 = _dw(dim, ks2, bias_free_bn=False)
+        self.conv2 = _dw(dim, ks2, bias_free_bn=False, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.act(self.conv1(self.fc(x))))
@@ -151,13 +158,15 @@ class FFNifiedAttention(nn.Module):
 class ChannelMixer(nn.Module):
     """Depthwise conv (+BN) -> 1x1 expand -> act -> 1x1 project (official ``Channel_Mixer``)."""
 
-    def __init__(self, dim: int, kernel_size: int, mlp_ratio: float, act_layer: type = nn.GELU):
+    def __init__(self, dim: int, kernel_size: int, mlp_ratio: float, act_layer: type = nn.GELU, device=None,
+                 dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.conv = _dw(dim, kernel_size, bias_free_bn=True)
-        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.conv = _dw(dim, kernel_size, bias_free_bn=True, **dd)
+        self.fc1 = nn.Conv2d(dim, hidden, 1, **dd)
         self.act = act_layer()
-        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.fc2 = nn.Conv2d(hidden, dim, 1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(self.conv(x))))
@@ -167,13 +176,15 @@ class FFBlock(nn.Module):
     """``x += ls1 * token_mixer(x)``; ``x = se(x)``; ``x += ls2 * channel_mixer(x)`` (drop-path on both branches)."""
 
     def __init__(self, dim: int, kernel_size: int, ks1: int, ks2: int, mlp_ratio: float, use_se: bool,
-                 act_layer: type, drop_path: float, layer_scale_init_value: Optional[float]):
+                 act_layer: type, drop_path: float, layer_scale_init_value: Optional[float], device=None,
+                 dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.token_mixer = FFNifiedAttention(dim, ks1, ks2, act_layer)
-        self.ls1 = LayerScale2d(dim, layer_scale_init_value) if layer_scale_init_value else nn.Identity()
-        self.se = SEModule(dim, rd_ratio=0.25) if use_se else nn.Identity()
-        self.channel_mixer = ChannelMixer(dim, kernel_size, mlp_ratio, act_layer)
-        self.ls2 = LayerScale2d(dim, layer_scale_init_value) if layer_scale_init_value else nn.Identity()
+        self.token_mixer = FFNifiedAttention(dim, ks1, ks2, act_layer, **dd)
+        self.ls1 = LayerScale2d(dim, layer_scale_init_value, **dd) if layer_scale_init_value else nn.Identity()
+        self.se = SEModule(dim, rd_ratio=0.25, **dd) if use_se else nn.Identity()
+        self.channel_mixer = ChannelMixer(dim, kernel_size, mlp_ratio, act_layer, **dd)
+        self.ls2 = LayerScale2d(dim, layer_scale_init_value, **dd) if layer_scale_init_value else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,10 +196,11 @@ class Downsample(nn.Module):
     """Stride-2 RepVGG depthwise 7x7 (+3x3) widening by a channel multiplier, then ``x + 1x1(BN(x))``
     (official ``PatchMerging``)."""
 
-    def __init__(self, in_chs: int, out_chs: int):
+    def __init__(self, in_chs: int, out_chs: int, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.dw = RepDwConv(in_chs, out_chs, 7, stride=2)
-        self.pw = BnConvSkip(out_chs)
+        self.dw = RepDwConv(in_chs, out_chs, 7, stride=2, **dd)
+        self.pw = BnConvSkip(out_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pw(self.dw(x))
@@ -197,14 +209,15 @@ class Downsample(nn.Module):
 class FFNetStage(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, depth: int, downsample: bool, kernel_size: int, ks1: int,
                  ks2: int, mlp_ratio: float, use_se: bool, act_layer: type, drop_path: Sequence[float],
-                 layer_scale_init_value: Optional[float]):
+                 layer_scale_init_value: Optional[float], device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.grad_checkpointing = False
-        self.downsample = Downsample(in_chs, out_chs) if downsample else nn.Identity()
+        self.downsample = Downsample(in_chs, out_chs, **dd) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
             # squeeze-excite only on even block indices, as the official code
             FFBlock(out_chs, kernel_size, ks1, ks2, mlp_ratio, use_se and d % 2 == 0, act_layer, drop_path[d],
-                    layer_scale_init_value)
+                    layer_scale_init_value, **dd)
             for d in range(depth)
         ])
 
@@ -233,6 +246,7 @@ class FFNet(nn.Module):
         layer_norm_last: LayerNorm2d (eps 1e-6) instead of BatchNorm2d as the final norm.
         fused: build the re-parameterised inference form directly (to load fused checkpoints).
         global_pool, drop_rate, drop_path_rate: as in timm.
+        device, dtype: where and in which dtype the parameters are created (timm's factory keywords).
     """
 
     def __init__(
@@ -255,7 +269,10 @@ class FFNet(nn.Module):
             global_pool: str = "avg",
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            device=None,
+            dtype=None,
     ):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         num_stages = len(depth)
         for name, v in dict(embed_dim=embed_dim, kernel_sizes=kernel_sizes, kernel_sizes1=kernel_sizes1,
@@ -269,7 +286,8 @@ class FFNet(nn.Module):
         self.num_features = self.head_hidden_size = embed_dim[-1]
         self.grad_checkpointing = False
 
-        self.stem = nn.Sequential(ConvBn(in_chans, in_dim, 3, 2), nn.GELU(), ConvBn(in_dim, embed_dim[0], 3, 2))
+        self.stem = nn.Sequential(ConvBn(in_chans, in_dim, 3, 2, **dd), nn.GELU(),
+                                  ConvBn(in_dim, embed_dim[0], 3, 2, **dd))
         dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depth), device="cpu").split(list(depth))]
         stages, self.feature_info = [], []
         prev, reduction = embed_dim[0], 4
@@ -279,13 +297,13 @@ class FFNet(nn.Module):
             stages.append(FFNetStage(
                 prev, embed_dim[i], depth[i], i > 0, kernel_sizes[i], kernel_sizes1[i], kernel_sizes2[i],
                 expansion_ratios[i], use_ses[i], nn.GELU if use_gelus[i] else nn.ReLU, dpr[i],
-                layer_scale_init_value if use_layer_scale else None))
+                layer_scale_init_value if use_layer_scale else None, **dd))
             prev = embed_dim[i]
             self.feature_info.append(dict(num_chs=prev, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.stride = reduction
-        self.norm = LayerNorm2d(prev, eps=1e-6) if layer_norm_last else nn.BatchNorm2d(prev)
-        self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.norm = LayerNorm2d(prev, eps=1e-6, **dd) if layer_norm_last else nn.BatchNorm2d(prev, **dd)
+        self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self.apply(self._init_weights)
         if fused:
             self.fuse()
@@ -342,7 +360,7 @@ class FFNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))
 
     def _check_input(self, x: torch.Tensor) -> None:
         # any size works arithmetically; below the total stride the last stages see 1x1 maps of padding
@@ -453,7 +471,8 @@ _RELEASE = "https://github.com/ysj9909/FFNet/releases/download/v1.0/"
 
 def _cfg(file: str = "", **kwargs) -> Dict[str, Any]:
     # The official default_cfg: 256x256, bicubic, center crop, ImageNet mean/std; crop_pct 0.9 (FFNet-1/2) or 0.95
-    # (FFNet-3/4). The authors evaluate with timm's validate.py and that cfg, at 384 for the *_384 fine-tunes.
+    # (FFNet-3/4). The *_384 fine-tunes were evaluated at 384 with crop_pct 1.0: the official train.py sets
+    # data_config["crop_pct"] = 1.0 under --finetune, the run that reported 84.5 / 85.3.
     return {
         "url": _RELEASE + file if file else "",
         "num_classes": 1000, "input_size": (3, 256, 256), "pool_size": (8, 8),
@@ -467,7 +486,7 @@ def _cfg(file: str = "", **kwargs) -> Dict[str, Any]:
     }
 
 
-_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12))
+_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
 default_cfgs = generate_default_cfgs({
     # official top-1 (ImageNet-1K val) in the comments
     "ffnet_t.in1k": _cfg("ffnet_1.pth.tar"),  # 81.3
@@ -476,8 +495,8 @@ default_cfgs = generate_default_cfgs({
     "ffnet_s.in1k_dist": _cfg("ffnet_2_distillation.pth.tar"),  # 83.7
     "ffnet_b.in1k": _cfg("ffnet_3.pth.tar", crop_pct=0.95),  # 83.9
     "ffnet_b.in1k_dist": _cfg("ffnet_3_distillation.pth.tar", crop_pct=0.95),  # 84.5
-    "ffnet_b.in1k_384": _cfg("ffnet_3_384.pth.tar", crop_pct=0.95, **_384),  # 84.5
-    "ffnet_l.in1k_384": _cfg("ffnet_4_384.pth.tar", crop_pct=0.95, **_384),  # 85.3
+    "ffnet_b.in1k_384": _cfg("ffnet_3_384.pth.tar", **_384),  # 84.5
+    "ffnet_l.in1k_384": _cfg("ffnet_4_384.pth.tar", **_384),  # 85.3
 })
 
 

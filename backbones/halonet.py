@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (BatchNormAct2d, ClassifierHead, ConvNormAct, DropPath, calculate_drop_path_rates,
-                         get_act_layer, get_attn, make_divisible, trunc_normal_)
+                         get_act_layer, get_attn, get_device_dtype, make_divisible, trunc_normal_)
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -76,7 +76,8 @@ class HaloAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, dim_head_qk: int, dim_head_v: int, block_size: int,
-                 halo_size: int, stride: int = 1):
+                 halo_size: int, stride: int = 1, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"halo attention supports stride 1 or 2, got {stride}")
@@ -84,11 +85,11 @@ class HaloAttention(nn.Module):
         self.block_size, self.halo_size = block_size, halo_size
         use_pool = block_size % stride != 0  # odd block with stride 2: attend at full res, then 2x2 average pool
         self.q_stride = 1 if use_pool else stride
-        self.q = nn.Conv2d(dim, num_heads * dim_head_qk, 1, stride=self.q_stride, bias=False)
-        self.kv = nn.Conv2d(dim, num_heads * (dim_head_qk + dim_head_v), 1, bias=False)
+        self.q = nn.Conv2d(dim, num_heads * dim_head_qk, 1, stride=self.q_stride, bias=False, **dd)
+        self.kv = nn.Conv2d(dim, num_heads * (dim_head_qk + dim_head_v), 1, bias=False, **dd)
         win = block_size + 2 * halo_size
-        self.rel_pos_h = nn.Parameter(torch.zeros(2 * win - 1, dim_head_qk))
-        self.rel_pos_w = nn.Parameter(torch.zeros(2 * win - 1, dim_head_qk))
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * win - 1, dim_head_qk, **dd))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * win - 1, dim_head_qk, **dd))
         self.pool = nn.AvgPool2d(2) if use_pool else nn.Identity()
 
     def reset_parameters(self) -> None:
@@ -105,18 +106,18 @@ class HaloAttention(nn.Module):
         return self.pool(x)
 
 
-def _shortcut(in_chs: int, out_chs: int, stride: int, proj: bool) -> Optional[nn.Module]:
+def _shortcut(in_chs: int, out_chs: int, stride: int, proj: bool, **dd) -> Optional[nn.Module]:
     if in_chs == out_chs and stride == 1:
         return nn.Identity()
-    return ConvNormAct(in_chs, out_chs, 1, stride=stride, apply_act=False) if proj else None
+    return ConvNormAct(in_chs, out_chs, 1, stride=stride, apply_act=False, **dd) if proj else None
 
 
 class _ResidualBlock(nn.Module):
     """Shared tail: ``conv3_1x1`` (no act) -> drop path -> + shortcut (if any) -> act."""
 
-    def _init_tail(self, in_chs, out_chs, stride, mid_chs, act_layer, proj_shortcut, linear_out, drop_path):
-        self.shortcut = _shortcut(in_chs, out_chs, stride, proj_shortcut)
-        self.conv3_1x1 = ConvNormAct(mid_chs, out_chs, 1, apply_act=False)
+    def _init_tail(self, in_chs, out_chs, stride, mid_chs, act_layer, proj_shortcut, linear_out, drop_path, **dd):
+        self.shortcut = _shortcut(in_chs, out_chs, stride, proj_shortcut, **dd)
+        self.conv3_1x1 = ConvNormAct(mid_chs, out_chs, 1, apply_act=False, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.act = nn.Identity() if linear_out else act_layer(inplace=True)
 
@@ -136,13 +137,14 @@ class BottleneckBlock(_ResidualBlock):
 
     def __init__(self, in_chs: int, out_chs: int, mid_chs: int, stride: int, act_layer: type, proj_shortcut: bool,
                  linear_out: bool, drop_path: float, group_size: int = 0,
-                 attn_layer: Optional[Callable[[int], nn.Module]] = None):
+                 attn_layer: Optional[Callable[..., nn.Module]] = None, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         groups = mid_chs // group_size if group_size else 1
-        self.conv1_1x1 = ConvNormAct(in_chs, mid_chs, 1, act_layer=act_layer)
-        self.conv2_kxk = ConvNormAct(mid_chs, mid_chs, 3, stride=stride, groups=groups, act_layer=act_layer)
-        self.attn = attn_layer(mid_chs) if attn_layer is not None else nn.Identity()
-        self._init_tail(in_chs, out_chs, stride, mid_chs, act_layer, proj_shortcut, linear_out, drop_path)
+        self.conv1_1x1 = ConvNormAct(in_chs, mid_chs, 1, act_layer=act_layer, **dd)
+        self.conv2_kxk = ConvNormAct(mid_chs, mid_chs, 3, stride=stride, groups=groups, act_layer=act_layer, **dd)
+        self.attn = attn_layer(mid_chs, **dd) if attn_layer is not None else nn.Identity()
+        self._init_tail(in_chs, out_chs, stride, mid_chs, act_layer, proj_shortcut, linear_out, drop_path, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._residual(self.attn(self.conv2_kxk(self.conv1_1x1(x))), x)
@@ -157,17 +159,19 @@ class HaloBlock(_ResidualBlock):
 
     def __init__(self, in_chs: int, out_chs: int, mid_chs: int, stride: int, act_layer: type, proj_shortcut: bool,
                  linear_out: bool, drop_path: float, block_size: int, halo_size: int, num_heads: int = 8,
-                 dim_head: Optional[int] = None, qk_ratio: float = 1.0, value_ratio: float = 1.0):
+                 dim_head: Optional[int] = None, qk_ratio: float = 1.0, value_ratio: float = 1.0, device=None,
+                 dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         dim_v = round(mid_chs * value_ratio)
         if dim_v % num_heads:
             raise ValueError(f"value width {dim_v} is not divisible by num_heads={num_heads}")
         dim_head_qk = dim_head or make_divisible(mid_chs * qk_ratio, divisor=8) // num_heads
-        self.conv1_1x1 = ConvNormAct(in_chs, mid_chs, 1, act_layer=act_layer)
+        self.conv1_1x1 = ConvNormAct(in_chs, mid_chs, 1, act_layer=act_layer, **dd)
         self.self_attn = HaloAttention(mid_chs, num_heads, dim_head_qk, dim_v // num_heads, block_size, halo_size,
-                                       stride)
-        self.post_attn = BatchNormAct2d(dim_v, act_layer=act_layer)
-        self._init_tail(in_chs, out_chs, stride, dim_v, act_layer, proj_shortcut, linear_out, drop_path)
+                                       stride, **dd)
+        self.post_attn = BatchNormAct2d(dim_v, act_layer=act_layer, **dd)
+        self._init_tail(in_chs, out_chs, stride, dim_v, act_layer, proj_shortcut, linear_out, drop_path, **dd)
 
     def init_weights(self, zero_init_last: bool) -> None:
         super().init_weights(zero_init_last)
@@ -181,7 +185,8 @@ class Stem(nn.Sequential):
     """'7x7': one 7x7/2 conv; '3x3': one 3x3/2 conv; 'tiered': 3x3 convs to (3/8, 1/2, 1) x out_chs, the first
     stride 2 and the last stride 2 when there is no pool. ``pool``: a 3x3/2 max-pool after the convs."""
 
-    def __init__(self, in_chs: int, out_chs: int, stem_type: str, pool: bool, act_layer: type):
+    def __init__(self, in_chs: int, out_chs: int, stem_type: str, pool: bool, act_layer: type, device=None,
+                 dtype=None):
         super().__init__()
         if stem_type == "7x7":
             convs = [(out_chs, 7, 2)]
@@ -193,7 +198,8 @@ class Stem(nn.Sequential):
             raise ValueError(f"stem_type must be '7x7', '3x3' or 'tiered', got {stem_type!r}")
         self.stride = 1
         for i, (chs, k, s) in enumerate(convs):
-            self.add_module(f"conv{i + 1}", ConvNormAct(in_chs, chs, k, stride=s, act_layer=act_layer))
+            self.add_module(f"conv{i + 1}", ConvNormAct(in_chs, chs, k, stride=s, act_layer=act_layer,
+                                                        device=device, dtype=dtype))
             in_chs, self.stride = chs, self.stride * s
         if pool:
             self.pool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -216,6 +222,7 @@ class HaloNet(nn.Module):
         linear_out: no activation after the residual sum.
         in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as in timm.
         zero_init_last: zero the last BN of residual branches at init.
+        device, dtype: where and in which dtype the parameters are created (timm's factory keywords).
     """
 
     def __init__(
@@ -238,7 +245,10 @@ class HaloNet(nn.Module):
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             zero_init_last: bool = True,
+            device=None,
+            dtype=None,
     ):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -246,7 +256,7 @@ class HaloNet(nn.Module):
         self.grad_checkpointing = False
         act = get_act_layer(act_layer)
 
-        self.stem = Stem(in_chans, stem_chs, stem_type, stem_pool, act)
+        self.stem = Stem(in_chans, stem_chs, stem_type, stem_pool, act, **dd)
         prev, reduction = stem_chs, self.stem.stride
         self.input_multiple = reduction  # every halo layer's input map must be divisible by its block size
         dpr = calculate_drop_path_rates(drop_path_rate, [len(s.blocks) for s in stages], stagewise=True)
@@ -258,7 +268,7 @@ class HaloNet(nn.Module):
                 stride = s.stride if j == 0 else 1
                 mid_chs = make_divisible((prev if bottle_in else s.out_chs) * s.bottle_ratio)
                 common = dict(in_chs=prev, out_chs=s.out_chs, mid_chs=mid_chs, stride=stride, act_layer=act,
-                              proj_shortcut=proj_shortcut, linear_out=linear_out, drop_path=dpr[i][j])
+                              proj_shortcut=proj_shortcut, linear_out=linear_out, drop_path=dpr[i][j], **dd)
                 if kind == "h":
                     blocks.append(HaloBlock(**common, **(s.halo if s.halo is not None else halo)))
                     block_size = blocks[-1].self_attn.block_size
@@ -275,8 +285,8 @@ class HaloNet(nn.Module):
         self.stages = nn.Sequential(*stage_modules)
 
         self.num_features = self.head_hidden_size = num_features or prev
-        self.final_conv = ConvNormAct(prev, num_features, 1, act_layer=act) if num_features else nn.Identity()
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.final_conv = ConvNormAct(prev, num_features, 1, act_layer=act, **dd) if num_features else nn.Identity()
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self._init_weights(zero_init_last)
 
     @torch.no_grad()
@@ -318,7 +328,7 @@ class HaloNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_input(x, self.in_chans, multiple=self.input_multiple,

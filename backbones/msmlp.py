@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead
+from timm.layers import DropPath, LayerNorm2d, Mlp, NormMlpClassifierHead, get_device_dtype
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -55,14 +55,15 @@ class MixShift(nn.Module):
     """Token mixer: per channel group g, depthwise conv ``mix_size[g]`` of the input rolled by ``shift_dist[g]``
     along W (``lr``) plus the same along H (``td``), through ``ops.mix_shift``. Parameters live in ``DWConv2d``s."""
 
-    def __init__(self, dim: int, shift_dist: Sequence[int], mix_size: Sequence[int]):
+    def __init__(self, dim: int, shift_dist: Sequence[int], mix_size: Sequence[int], device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         if len(mix_size) != len(shift_dist):
             raise ValueError(f"mix_size {tuple(mix_size)} needs one kernel size per shift in {tuple(shift_dist)}")
         chunks = mix_shift_chunk_sizes(dim, len(shift_dist))
         self.shift_dist = tuple(shift_dist)
-        self.lr = nn.ModuleList(DWConv2d(c, k) for c, k in zip(chunks, mix_size))
-        self.td = nn.ModuleList(DWConv2d(c, k) for c, k in zip(chunks, mix_size))
+        self.lr = nn.ModuleList(DWConv2d(c, k, **dd) for c, k in zip(chunks, mix_size))
+        self.td = nn.ModuleList(DWConv2d(c, k, **dd) for c, k in zip(chunks, mix_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = ([m.weight for m in self.lr], [m.weight for m in self.td])
@@ -74,12 +75,13 @@ class MixShiftBlock(nn.Module):
     """``x + drop_path(gamma * fc2(GELU(fc1(LN(mix_shift(x))))))``; the LN and MLP act channels-last."""
 
     def __init__(self, dim: int, shift_dist: Sequence[int], mix_size: Sequence[int], mlp_ratio: float,
-                 drop_path: float, ls_init_value: float):
+                 drop_path: float, ls_init_value: float, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.mixer = MixShift(dim, shift_dist, mix_size)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU)
-        self.gamma = nn.Parameter(ls_init_value * torch.ones(dim))
+        self.mixer = MixShift(dim, shift_dist, mix_size, **dd)
+        self.norm = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU, **dd)
+        self.gamma = nn.Parameter(torch.full((dim,), ls_init_value, **dd))
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,15 +94,17 @@ class MSMLPStage(nn.Module):
     """Optional downsampling (2x2 stride-2 conv, then LayerNorm: the official PatchEmbed), then MixShiftBlocks."""
 
     def __init__(self, in_chs: int, out_chs: int, depth: int, downsample: bool, shift_dist: Sequence[int],
-                 mix_size: Sequence[int], mlp_ratio: float, drop_path: Sequence[float], ls_init_value: float):
+                 mix_size: Sequence[int], mlp_ratio: float, drop_path: Sequence[float], ls_init_value: float,
+                 device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.grad_checkpointing = False
         if downsample:
-            self.downsample = nn.Sequential(nn.Conv2d(in_chs, out_chs, 2, 2), LayerNorm2d(out_chs, eps=1e-6))
+            self.downsample = nn.Sequential(nn.Conv2d(in_chs, out_chs, 2, 2, **dd), LayerNorm2d(out_chs, eps=1e-6, **dd))
         else:
             self.downsample = nn.Identity()
         self.blocks = nn.Sequential(*[
-            MixShiftBlock(out_chs, shift_dist, mix_size, mlp_ratio, drop_path[d], ls_init_value)
+            MixShiftBlock(out_chs, shift_dist, mix_size, mlp_ratio, drop_path[d], ls_init_value, **dd)
             for d in range(depth)
         ])
 
@@ -126,6 +130,7 @@ class MSMLP(nn.Module):
         mlp_ratio: MLP expansion.
         ls_init_value: initial layer-scale ``gamma``.
         global_pool, drop_rate, drop_path_rate: as in timm.
+        device, dtype: where and in which dtype the parameters are created (timm's factory keywords).
     """
 
     def __init__(
@@ -142,7 +147,10 @@ class MSMLP(nn.Module):
             global_pool: str = "avg",
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            device=None,
+            dtype=None,
     ):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         num_stages = len(depths)
         if len(mix_size) != num_stages:
@@ -151,8 +159,8 @@ class MSMLP(nn.Module):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
 
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, embed_dim, patch_size, patch_size),
-                                  LayerNorm2d(embed_dim, eps=1e-6))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, **dd),
+                                  LayerNorm2d(embed_dim, eps=1e-6, **dd))
         dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         stages, self.feature_info = [], []
         prev, reduction = embed_dim, patch_size
@@ -160,7 +168,7 @@ class MSMLP(nn.Module):
             dim = embed_dim * 2 ** i
             reduction = patch_size * 2 ** i
             stages.append(MSMLPStage(prev, dim, depths[i], i > 0, shift_dist, mix_size[i], mlp_ratio, dpr[i],
-                                     ls_init_value))
+                                     ls_init_value, **dd))
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
             prev = dim
         self.stages = nn.Sequential(*stages)
@@ -168,7 +176,7 @@ class MSMLP(nn.Module):
         self.num_features = self.head_hidden_size = prev
         # official: avgpool -> flatten -> LayerNorm(eps 1e-6) -> Linear
         self.head = NormMlpClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                          norm_layer=partial(LayerNorm2d, eps=1e-6))
+                                          norm_layer=partial(LayerNorm2d, eps=1e-6), **dd)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -202,7 +210,8 @@ class MSMLP(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
         """New classifier; ``reset_other`` also removes the head's LayerNorm (leaving pool + classifier)."""
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
+        self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features,
+                        **get_device_dtype(self))
         self.head_hidden_size = self.head.num_features
 
     def _check_input(self, x: torch.Tensor) -> None:

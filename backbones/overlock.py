@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d, SEModule
+from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d, SEModule, get_device_dtype
 from timm.layers.grn import GlobalResponseNorm
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -53,23 +53,23 @@ def _fuse_bn(weight: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, to
     return weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
 
 
-def _conv_bn(in_chs: int, out_chs: int, stride: int = 1) -> List[nn.Module]:
-    return [nn.Conv2d(in_chs, out_chs, 3, stride, 1, bias=False), nn.BatchNorm2d(out_chs)]
+def _conv_bn(in_chs: int, out_chs: int, stride: int = 1, **dd) -> List[nn.Module]:
+    return [nn.Conv2d(in_chs, out_chs, 3, stride, 1, bias=False, **dd), nn.BatchNorm2d(out_chs, **dd)]
 
 
-def _se(dim: int) -> SEModule:
-    return SEModule(dim, rd_channels=max(16, dim // 8), act_layer=nn.GELU)
+def _se(dim: int, **dd) -> SEModule:
+    return SEModule(dim, rd_channels=max(16, dim // 8), act_layer=nn.GELU, **dd)
 
 
-def _grn(dim: int) -> GlobalResponseNorm:
-    return GlobalResponseNorm(dim, eps=1e-6, channels_last=False)
+def _grn(dim: int, **dd) -> GlobalResponseNorm:
+    return GlobalResponseNorm(dim, eps=1e-6, channels_last=False, **dd)
 
 
 class ResDWConv(DWConv2d):
     """``x + dwconv(x)`` (depthwise k x k with bias)."""
 
-    def __init__(self, dim: int, kernel_size: int = 3):
-        super().__init__(dim, kernel_size)
+    def __init__(self, dim: int, kernel_size: int = 3, device=None, dtype=None):
+        super().__init__(dim, kernel_size, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + super().forward(x)
@@ -78,10 +78,11 @@ class ResDWConv(DWConv2d):
 class LayerScale(nn.Module):
     """Per-channel affine ``x * weight + bias`` (official: a grouped 1x1 conv, weight ``(C, 1, 1, 1)``)."""
 
-    def __init__(self, dim: int, init_value: float = 1e-5):
+    def __init__(self, dim: int, init_value: float = 1e-5, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.weight = nn.Parameter(torch.full((dim, 1, 1, 1), float(init_value)))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        self.weight = nn.Parameter(torch.full((dim, 1, 1, 1), float(init_value), **dd))
+        self.bias = nn.Parameter(torch.zeros(dim, **dd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
@@ -101,18 +102,19 @@ class DilatedReparamBlock(nn.Module):
         5: ((3, 3), (1, 2)),
     }
 
-    def __init__(self, dim: int, kernel_size: int, deploy: bool = False):
+    def __init__(self, dim: int, kernel_size: int, deploy: bool = False, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         if kernel_size not in self._BRANCHES:
             raise ValueError(f"DilatedReparamBlock supports kernel sizes {sorted(self._BRANCHES)}, got {kernel_size}")
-        self.lk_origin = DWConv2d(dim, kernel_size, bias=deploy)
+        self.lk_origin = DWConv2d(dim, kernel_size, bias=deploy, **dd)
         self.branches = list(zip(*self._BRANCHES[kernel_size]))
         self.deploy = deploy
         if not deploy:
-            self.origin_bn = nn.BatchNorm2d(dim)
+            self.origin_bn = nn.BatchNorm2d(dim, **dd)
             for k, r in self.branches:
-                setattr(self, f"dil_conv_k{k}_{r}", DWConv2d(dim, k, dilation=r, bias=False))
-                setattr(self, f"dil_bn_k{k}_{r}", nn.BatchNorm2d(dim))
+                setattr(self, f"dil_conv_k{k}_{r}", DWConv2d(dim, k, dilation=r, bias=False, **dd))
+                setattr(self, f"dil_bn_k{k}_{r}", nn.BatchNorm2d(dim, **dd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
@@ -147,10 +149,11 @@ class DilatedReparamBlock(nn.Module):
 class CTXDownsample(nn.Module):
     """Downsample the Focus-Net features and the context channels they carry (3x3 stride-2 conv + BN each)."""
 
-    def __init__(self, dim: int, h_dim: int):
+    def __init__(self, dim: int, h_dim: int, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.x_proj = nn.Sequential(*_conv_bn(dim, h_dim, 2))
-        self.h_proj = nn.Sequential(*_conv_bn(h_dim // 4, h_dim // 4, 2))
+        self.x_proj = nn.Sequential(*_conv_bn(dim, h_dim, 2, **dd))
+        self.h_proj = nn.Sequential(*_conv_bn(h_dim // 4, h_dim // 4, 2, **dd))
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.x_proj(x), self.h_proj(ctx)
@@ -162,24 +165,25 @@ class RepConvBlock(nn.Module):
     GRN -> 1x1."""
 
     def __init__(self, dim: int, kernel_size: int = 7, mlp_ratio: float = 4, ls_init_value: Optional[float] = None,
-                 res_scale: bool = False, drop_path: float = 0.0, deploy: bool = False):
+                 res_scale: bool = False, drop_path: float = 0.0, deploy: bool = False, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         mlp_dim = int(dim * mlp_ratio)
         self.res_scale = res_scale
-        self.dwconv = ResDWConv(dim, 3)
+        self.dwconv = ResDWConv(dim, 3, **dd)
         self.proj = nn.Sequential(
-            LayerNorm2d(dim, eps=1e-6),
-            DilatedReparamBlock(dim, kernel_size, deploy),
-            nn.BatchNorm2d(dim),
-            _se(dim),
-            nn.Conv2d(dim, mlp_dim, 1),
+            LayerNorm2d(dim, eps=1e-6, **dd),
+            DilatedReparamBlock(dim, kernel_size, deploy, **dd),
+            nn.BatchNorm2d(dim, **dd),
+            _se(dim, **dd),
+            nn.Conv2d(dim, mlp_dim, 1, **dd),
             nn.GELU(),
-            ResDWConv(mlp_dim, 3),
-            _grn(mlp_dim),
-            nn.Conv2d(mlp_dim, dim, 1),
+            ResDWConv(mlp_dim, 3, **dd),
+            _grn(mlp_dim, **dd),
+            nn.Conv2d(mlp_dim, dim, 1, **dd),
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.ls = LayerScale(dim, ls_init_value, **dd) if ls_init_value is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(x)
@@ -203,7 +207,8 @@ class DynamicConvBlock(nn.Module):
 
     def __init__(self, dim: int, ctx_dim: int, kernel_size: int = 7, smk_size: int = 5, num_heads: int = 2,
                  mlp_ratio: float = 4, ls_init_value: Optional[float] = None, res_scale: bool = False,
-                 drop_path: float = 0.0, is_first: bool = False, deploy: bool = False):
+                 drop_path: float = 0.0, is_first: bool = False, deploy: bool = False, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         if dim % (4 * num_heads):
             raise ValueError(f"ContMix splits dim={dim} into 2 kernels x {2 * num_heads} heads: dim must be a "
@@ -218,30 +223,32 @@ class DynamicConvBlock(nn.Module):
         self.scale = (dim // self.num_heads) ** -0.5  # official: dim // (2 * heads), not the query's head width
 
         if not is_first:
-            self.x_scale = LayerScale(ctx_dim, init_value=1)
-            self.h_scale = LayerScale(ctx_dim, init_value=1)
-        self.dwconv1 = ResDWConv(out_dim, 3)
-        self.norm1 = LayerNorm2d(out_dim, eps=1e-6)
+            self.x_scale = LayerScale(ctx_dim, init_value=1, **dd)
+            self.h_scale = LayerScale(ctx_dim, init_value=1, **dd)
+        self.dwconv1 = ResDWConv(out_dim, 3, **dd)
+        self.norm1 = LayerNorm2d(out_dim, eps=1e-6, **dd)
         self.fusion = nn.Sequential(
-            DWConv2d(out_dim, 3), nn.BatchNorm2d(out_dim), nn.GELU(), nn.Conv2d(out_dim, dim, 1), _grn(dim))
-        self.weight_query = nn.Sequential(nn.Conv2d(dim, dim // 2, 1, bias=False), nn.BatchNorm2d(dim // 2))
+            DWConv2d(out_dim, 3, **dd), nn.BatchNorm2d(out_dim, **dd), nn.GELU(), nn.Conv2d(out_dim, dim, 1, **dd),
+            _grn(dim, **dd))
+        self.weight_query = nn.Sequential(nn.Conv2d(dim, dim // 2, 1, bias=False, **dd), nn.BatchNorm2d(dim // 2, **dd))
         self.weight_key = nn.Sequential(
-            nn.AdaptiveAvgPool2d(7), nn.Conv2d(ctx_dim, dim // 2, 1, bias=False), nn.BatchNorm2d(dim // 2))
-        self.weight_proj = nn.Conv2d(49, kernel_size ** 2 + smk_size ** 2, 1)  # over the 49 pooled positions
-        self.dyconv_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
-        self.lepe = nn.Sequential(DilatedReparamBlock(dim, kernel_size, deploy), nn.BatchNorm2d(dim))
-        self.se_layer = _se(dim)
-        self.gate = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
-        self.proj = nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
-        self.dwconv2 = ResDWConv(out_dim, 3)
-        self.norm2 = LayerNorm2d(out_dim, eps=1e-6)
+            nn.AdaptiveAvgPool2d(7), nn.Conv2d(ctx_dim, dim // 2, 1, bias=False, **dd), nn.BatchNorm2d(dim // 2, **dd))
+        self.weight_proj = nn.Conv2d(49, kernel_size ** 2 + smk_size ** 2, 1, **dd)  # over the 49 pooled positions
+        self.dyconv_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False, **dd), nn.BatchNorm2d(dim, **dd))
+        self.lepe = nn.Sequential(DilatedReparamBlock(dim, kernel_size, deploy, **dd), nn.BatchNorm2d(dim, **dd))
+        self.se_layer = _se(dim, **dd)
+        self.gate = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False, **dd), nn.BatchNorm2d(dim, **dd), nn.SiLU())
+        self.proj = nn.Sequential(nn.BatchNorm2d(dim, **dd), nn.Conv2d(dim, out_dim, 1, **dd))
+        self.dwconv2 = ResDWConv(out_dim, 3, **dd)
+        self.norm2 = LayerNorm2d(out_dim, eps=1e-6, **dd)
         self.mlp = nn.Sequential(
-            nn.Conv2d(out_dim, mlp_dim, 1), nn.GELU(), ResDWConv(mlp_dim, 3), _grn(mlp_dim), nn.Conv2d(mlp_dim, out_dim, 1))
-        self.ls1 = LayerScale(out_dim, ls_init_value) if ls_init_value is not None else nn.Identity()
-        self.ls2 = LayerScale(out_dim, ls_init_value) if ls_init_value is not None else nn.Identity()
+            nn.Conv2d(out_dim, mlp_dim, 1, **dd), nn.GELU(), ResDWConv(mlp_dim, 3, **dd), _grn(mlp_dim, **dd),
+            nn.Conv2d(mlp_dim, out_dim, 1, **dd))
+        self.ls1 = LayerScale(out_dim, ls_init_value, **dd) if ls_init_value is not None else nn.Identity()
+        self.ls2 = LayerScale(out_dim, ls_init_value, **dd) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.rpb1 = nn.Parameter(torch.zeros(self.num_heads, 2 * smk_size - 1, 2 * smk_size - 1))
-        self.rpb2 = nn.Parameter(torch.zeros(self.num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+        self.rpb1 = nn.Parameter(torch.zeros(self.num_heads, 2 * smk_size - 1, 2 * smk_size - 1, **dd))
+        self.rpb2 = nn.Parameter(torch.zeros(self.num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1, **dd))
         self.probs_quant = None  # OFQ sets a quantizer of the two kernels
 
     def contmix(self, x: torch.Tensor, x_f: torch.Tensor) -> torch.Tensor:
@@ -298,25 +305,38 @@ class OverLoCKHead(nn.Module):
     head ``BN -> pool -> Linear``."""
 
     def __init__(self, in_chs: int, num_classes: int, hidden_size: Optional[int] = None, pool_type: str = "avg",
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         if hidden_size:
-            self.proj = nn.Conv2d(in_chs, hidden_size, 1, bias=False)
-            self.norm = nn.BatchNorm2d(hidden_size)
+            self.proj = nn.Conv2d(in_chs, hidden_size, 1, bias=False, **dd)
+            self.norm = nn.BatchNorm2d(hidden_size, **dd)
             self.act = nn.SiLU()
         else:
-            self.proj, self.norm, self.act = nn.Identity(), nn.BatchNorm2d(in_chs), nn.Identity()
+            self.proj, self.norm, self.act = nn.Identity(), nn.BatchNorm2d(in_chs, **dd), nn.Identity()
         self.num_features = hidden_size or in_chs
         self.drop = nn.Dropout(drop_rate)
-        self.reset(num_classes, pool_type)
+        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+        self.reset(num_classes, pool_type, **dd)
 
-    def reset(self, num_classes: int, pool_type: Optional[str] = None) -> None:
+    def reset(self, num_classes: int, pool_type: Optional[str] = None, reset_other: bool = False,
+              in_features: Optional[int] = None, device=None, dtype=None) -> None:
+        """New classifier (and pooling, if ``pool_type`` is given) on the head's device and dtype, in its train/eval
+        mode; ``reset_other`` also removes the projection and norm, leaving pool + classifier on ``in_features``
+        channels (a model pruned to an earlier stage)."""
+        dd = get_device_dtype(self, device=device, dtype=dtype)
         if pool_type is not None:
             if not pool_type and num_classes:
                 raise ValueError("global_pool='' (no pooling) needs num_classes=0")
-            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type)).train(self.training)
+        elif num_classes and self.global_pool.is_identity():  # a classifier reads pooled features: default pooling
+            self.global_pool = SelectAdaptivePool2d(pool_type="avg", flatten=True).train(self.training)
+        if reset_other:
+            self.proj, self.norm, self.act = (nn.Identity().train(self.training) for _ in range(3))
+            self.num_features = in_features if in_features is not None else self.num_features
         features = self.num_features * self.global_pool.feat_mult()
-        self.fc = nn.Linear(features, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = nn.Linear(features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.fc.train(self.training)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.drop(self.global_pool(self.act(self.norm(self.proj(x)))))
@@ -341,12 +361,17 @@ class OverLoCK(nn.Module):
         projection: width of the main head's 1x1 projection (= ``head_hidden_size``).
         aux_loss_weight: weight of the auxiliary loss in the official training (``--aux-loss-ratio``, 0.4).
         in_chans, num_classes, global_pool, drop_rate (dropout before the classifiers' Linear), drop_path_rate.
+        device, dtype: where and in which dtype the parameters are created (timm's factory keywords).
 
-    Training: in ``train()`` mode with the auxiliary head, ``forward`` returns ``dict(main=logits, aux=aux_logits)``
-    exactly as the official model does; the official train.py then minimises
-    ``loss_fn(main, target) + aux_loss_weight * loss_fn(aux, target)`` with the same criterion for both (the
-    mixup / label-smoothing soft-target CE) and ``aux_loss_weight = 0.4``. In ``eval()`` mode (and without
-    ``use_ds``) it returns the main logits only. The aux head is never used at inference.
+    Outputs: ``forward`` returns the main logits, in train and eval mode alike, as every timm model does. Deep
+    supervision is opt-in, the way timm's distilled models switch theirs on: after ``set_aux_training(True)``,
+    ``forward`` in ``train()`` mode returns ``(logits, aux_logits)`` (the official model returns
+    ``dict(main=..., aux=...)`` there), and the official train.py minimises
+    ``loss_fn(logits, target) + aux_loss_weight * loss_fn(aux_logits, target)`` with the same criterion for both
+    (the mixup / label-smoothing soft-target CE) and ``aux_loss_weight = 0.4``. This project's training loop
+    (``backbones.training.ImageClassifier``) switches it on and computes that loss. ``eval()`` mode always returns
+    the logits only: the aux head is never used at inference. A plain training loop under DDP leaves the aux head
+    without gradients unless it switches deep supervision on or builds the model with ``use_ds=False``.
 
     Weight decay: the official recipe (timm ``create_optimizer_v2``) decays every parameter of 2 or more dims,
     including the relative-position biases ``rpb1/rpb2``, so no ``no_weight_decay`` set is declared.
@@ -373,44 +398,49 @@ class OverLoCK(nn.Module):
             global_pool: str = "avg",
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            device=None,
+            dtype=None,
     ):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         if len(depth) != 4 or len(embed_dim) != 4 or len(kernel_size) != 4 or len(sub_depth) != 2:
             raise ValueError("OverLoCK needs 4 entries in depth/embed_dim/kernel_size and 2 in sub_depth")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.aux_loss_weight = aux_loss_weight
+        self.aux_training = False  # set_aux_training(True): (logits, aux_logits) in train mode
         self.num_features = fusion_dim = embed_dim[3] + embed_dim[3] // 4
         self.head_hidden_size = projection
         self.grad_checkpointing = False
         self._last_stage = 3  # lowered by prune_intermediate_layers
 
         self.patch_embed1 = nn.Sequential(
-            *_conv_bn(in_chans, embed_dim[0] // 2, 2), nn.GELU(),
-            *_conv_bn(embed_dim[0] // 2, embed_dim[0] // 2), nn.GELU(),
-            *_conv_bn(embed_dim[0] // 2, embed_dim[0], 2), nn.GELU(),
-            *_conv_bn(embed_dim[0], embed_dim[0]))
-        self.patch_embed2 = nn.Sequential(*_conv_bn(embed_dim[0], embed_dim[1], 2))
-        self.patch_embed3 = nn.Sequential(*_conv_bn(embed_dim[1], embed_dim[2], 2))
-        self.patch_embed4 = nn.Sequential(*_conv_bn(embed_dim[2], embed_dim[3], 2))
-        self.high_level_proj = nn.Conv2d(embed_dim[3], embed_dim[3] // 4, 1)
-        self.patch_embedx = CTXDownsample(embed_dim[2], embed_dim[3])
+            *_conv_bn(in_chans, embed_dim[0] // 2, 2, **dd), nn.GELU(),
+            *_conv_bn(embed_dim[0] // 2, embed_dim[0] // 2, **dd), nn.GELU(),
+            *_conv_bn(embed_dim[0] // 2, embed_dim[0], 2, **dd), nn.GELU(),
+            *_conv_bn(embed_dim[0], embed_dim[0], **dd))
+        self.patch_embed2 = nn.Sequential(*_conv_bn(embed_dim[0], embed_dim[1], 2, **dd))
+        self.patch_embed3 = nn.Sequential(*_conv_bn(embed_dim[1], embed_dim[2], 2, **dd))
+        self.patch_embed4 = nn.Sequential(*_conv_bn(embed_dim[2], embed_dim[3], 2, **dd))
+        self.high_level_proj = nn.Conv2d(embed_dim[3], embed_dim[3] // 4, 1, **dd)
+        self.patch_embedx = CTXDownsample(embed_dim[2], embed_dim[3], **dd)
 
         counts = [*depth, *sub_depth]
         dpr = [d.tolist() for d in torch.linspace(0, drop_path_rate, sum(counts), device="cpu").split(counts)]
         for i in range(4):
             self.add_module(f"blocks{i + 1}", nn.ModuleList([
-                RepConvBlock(embed_dim[i], kernel_size[i], mlp_ratio[i], ls_init_value[i], res_scale, dpr[i][j], deploy)
+                RepConvBlock(embed_dim[i], kernel_size[i], mlp_ratio[i], ls_init_value[i], res_scale, dpr[i][j], deploy,
+                             **dd)
                 for j in range(depth[i])]))
         for i, level in enumerate((2, 3)):
             self.add_module(f"sub_blocks{level + 1}", nn.ModuleList([
                 DynamicConvBlock(embed_dim[level], embed_dim[3], kernel_size[level], smk_size, sub_num_heads[i],
                                  sub_mlp_ratio[i], ls_init_value[level], res_scale, dpr[4 + i][j],
-                                 is_first=(level == 2 and j == 0), deploy=deploy)
+                                 is_first=(level == 2 and j == 0), deploy=deploy, **dd)
                 for j in range(sub_depth[i])]))
 
-        self.aux_head = OverLoCKHead(embed_dim[3], num_classes, pool_type=global_pool) if use_ds else None
-        self.head = OverLoCKHead(fusion_dim, num_classes, projection, global_pool, drop_rate)
+        self.aux_head = OverLoCKHead(embed_dim[3], num_classes, pool_type=global_pool, **dd) if use_ds else None
+        self.head = OverLoCKHead(fusion_dim, num_classes, projection, global_pool, drop_rate, **dd)
         self.feature_info = [
             dict(num_chs=embed_dim[0], reduction=4, module="blocks1"),
             dict(num_chs=embed_dim[1], reduction=8, module="blocks2"),
@@ -453,14 +483,21 @@ class OverLoCK(nn.Module):
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
+    def set_aux_training(self, enable: bool = True) -> None:
+        """Deep supervision on/off: when on, ``forward`` in train mode returns ``(logits, aux_logits)`` (weight the
+        auxiliary loss by ``aux_loss_weight``). No effect on a model built without the aux head (``use_ds=False``)."""
+        self.aux_training = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        dd = get_device_dtype(self)
+        self.head.reset(num_classes, global_pool, **dd)
         if self.aux_head is not None:
-            self.aux_head.reset(num_classes, global_pool)
+            self.aux_head.reset(num_classes, global_pool, **dd)
 
     def _run(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -473,9 +510,12 @@ class OverLoCK(nn.Module):
             x, h_x = fused.split([x.shape[1], h_x.shape[1]], dim=1)
         return fused
 
-    def _forward_stages(self, x: torch.Tensor, last_stage: int = 3) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
-        """Outputs of stages 0..``last_stage`` (blocks1, blocks2, Focus-Net 1/16 and 1/32, fused maps) and the
-        Overview-Net context (None when ``last_stage < 2``)."""
+    def _forward_stages(self, x: torch.Tensor, last_stage: Optional[int] = None
+                        ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+        """Outputs of stages 0..``last_stage`` (blocks1, blocks2, Focus-Net 1/16 and 1/32, fused maps; default: every
+        stage ``prune_intermediate_layers`` kept) and the Overview-Net context (None when ``last_stage < 2``)."""
+        if last_stage is None:
+            last_stage = self._last_stage
         check_input(x, self.in_chans, name="OverLoCK")  # any size >= 1 works (small maps take the is_pad path)
         outs, ctx = [], None
         x = self.patch_embed1(x)
@@ -527,15 +567,20 @@ class OverLoCK(nn.Module):
                                   prune_head: bool = True) -> List[int]:
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         self._last_stage = max_index
-        if max_index < 3:
+        if max_index < 3:  # the head reads the fused 1/32 map
+            self.num_features = self.feature_info[max_index]["num_chs"]
+            prune_head = True
             self.patch_embedx, self.sub_blocks4 = nn.Identity(), nn.ModuleList()
         if max_index < 2:  # the 1/16 Focus-Net stage needs the Base-Net stage 3 and the Overview-Net
             self.patch_embed3, self.patch_embed4, self.high_level_proj = nn.Identity(), nn.Identity(), nn.Identity()
             self.blocks3, self.blocks4, self.sub_blocks3 = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         if max_index < 1:
             self.patch_embed2, self.blocks2 = nn.Identity(), nn.ModuleList()
-        if prune_head:
-            self.head, self.aux_head = nn.Identity(), None
+        if prune_head:  # no projection, pooling or classifier left: forward returns the last kept stage's map
+            self.aux_head = None
+            self.num_classes = 0
+            self.head_hidden_size = self.num_features
+            self.head.reset(0, "", reset_other=True, in_features=self.num_features, **get_device_dtype(self))
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -544,11 +589,12 @@ class OverLoCK(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Logits; ``(logits, aux_logits)`` in train mode after ``set_aux_training(True)``."""
         outs, ctx = self._forward_stages(x)
         logits = self.forward_head(outs[-1])
-        if self.training and self.aux_head is not None:
-            return dict(main=logits, aux=self.aux_head(ctx))
+        if self.aux_training and self.training and self.aux_head is not None:
+            return logits, self.aux_head(ctx)
         return logits
 
 

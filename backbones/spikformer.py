@@ -64,7 +64,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import drop_path, trunc_normal_
+from timm.layers import drop_path, get_device_dtype, trunc_normal_
 from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -79,10 +79,11 @@ __all__ = ["Spikformer"]
 class ConvBnLif(nn.Module):
     """``k x k`` conv -> BatchNorm2d -> multi-step LIF on a ``(T, B, C, H, W)`` sequence (time folded for conv/BN)."""
 
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, bias: bool = True):
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, bias: bool = True, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=bias)
-        self.bn = nn.BatchNorm2d(out_chs)
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=bias, **dd)
+        self.bn = nn.BatchNorm2d(out_chs, **dd)
         self.lif = MultiStepLIF(tau=2.0, detach_reset=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,16 +94,18 @@ class SpikingPatchSplitting(nn.Module):
     """SPS stem: 4 conv-BN-LIF layers (widths C/8, C/4, C/2, C), each optionally followed by a 3x3/2 max-pool,
     then ``x + rpe(x)`` with ``rpe`` one more 3x3 conv-BN-LIF (the relative position embedding)."""
 
-    def __init__(self, in_chans: int, embed_dim: int, downsample: Sequence[bool] = (True, True, True, True)):
+    def __init__(self, in_chans: int, embed_dim: int, downsample: Sequence[bool] = (True, True, True, True),
+                 device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         if len(downsample) != 4:
             raise ValueError(f"downsample needs one flag per stem conv (4), got {downsample}")
         widths = [embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim]
         self.convs = nn.ModuleList(
-            ConvBnLif(c_in, c_out, 3, bias=False) for c_in, c_out in zip([in_chans] + widths[:-1], widths))
+            ConvBnLif(c_in, c_out, 3, bias=False, **dd) for c_in, c_out in zip([in_chans] + widths[:-1], widths))
         self.downsample = tuple(downsample)
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.rpe = ConvBnLif(embed_dim, embed_dim, 3, bias=False)
+        self.rpe = ConvBnLif(embed_dim, embed_dim, 3, bias=False, **dd)
         self.reduction = 2 ** sum(self.downsample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,17 +119,19 @@ class SpikingPatchSplitting(nn.Module):
 class SpikingSelfAttention(nn.Module):
     """SSA: spike q, k, v (1x1 conv-BN-LIF); ``attn_lif((q @ k^T @ v) * scale)`` with threshold 0.5; proj."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, scale: float = 0.125):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, scale: float = 0.125, device=None,
+                 dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.scale = scale
-        self.q = ConvBnLif(dim, dim, bias=qkv_bias)
-        self.k = ConvBnLif(dim, dim, bias=qkv_bias)
-        self.v = ConvBnLif(dim, dim, bias=qkv_bias)
+        self.q = ConvBnLif(dim, dim, bias=qkv_bias, **dd)
+        self.k = ConvBnLif(dim, dim, bias=qkv_bias, **dd)
+        self.v = ConvBnLif(dim, dim, bias=qkv_bias, **dd)
         self.attn_lif = MultiStepLIF(tau=2.0, v_threshold=0.5, detach_reset=True)
-        self.proj = ConvBnLif(dim, dim, bias=True)
+        self.proj = ConvBnLif(dim, dim, bias=True, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, B, C, H, W = x.shape
@@ -144,10 +149,11 @@ class SpikingSelfAttention(nn.Module):
 class SpikingMlp(nn.Module):
     """Two 1x1 conv-BN-LIF layers, ``dim -> hidden -> dim``."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.fc1 = ConvBnLif(dim, hidden_dim, bias=True)
-        self.fc2 = ConvBnLif(hidden_dim, dim, bias=True)
+        self.fc1 = ConvBnLif(dim, hidden_dim, bias=True, **dd)
+        self.fc2 = ConvBnLif(hidden_dim, dim, bias=True, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.fc1(x))
@@ -168,10 +174,11 @@ class SpikformerBlock(nn.Module):
     """``x = x + SSA(x); x = x + MLP(x)`` (no normalisation layers)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, attn_scale: float,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.attn = SpikingSelfAttention(dim, num_heads, qkv_bias, attn_scale)
-        self.mlp = SpikingMlp(dim, int(dim * mlp_ratio))
+        self.attn = SpikingSelfAttention(dim, num_heads, qkv_bias, attn_scale, **dd)
+        self.mlp = SpikingMlp(dim, int(dim * mlp_ratio), **dd)
         self.drop_path = SequenceDropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,6 +204,7 @@ class Spikformer(nn.Module):
             std 0.02, zero bias) instead of PyTorch's conv default.
         global_pool: 'avg' (token mean) or '' (no pooling, only with num_classes=0).
         drop_rate: dropout before the head. drop_path_rate: stochastic depth (see the module docstring).
+        device, dtype: where and in which dtype the parameters are created (timm's factory keywords).
     """
 
     def __init__(
@@ -215,7 +223,10 @@ class Spikformer(nn.Module):
             global_pool: str = "avg",
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            device=None,
+            dtype=None,
     ):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         if embed_dim % 8:
             raise ValueError(f"embed_dim must be divisible by 8 (the stem widths are C/8, C/4, C/2), got {embed_dim}")
@@ -227,10 +238,11 @@ class Spikformer(nn.Module):
         self.num_features = self.head_hidden_size = embed_dim
         self.grad_checkpointing = False
 
-        self.patch_embed = SpikingPatchSplitting(in_chans, embed_dim, stem_downsample)
+        self.patch_embed = SpikingPatchSplitting(in_chans, embed_dim, stem_downsample, **dd)
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.Sequential(*[
-            SpikformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_scale, dpr[i]) for i in range(depth)])
+            SpikformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_scale, dpr[i], **dd)
+            for i in range(depth)])
         r = self.patch_embed.reduction
         self.feature_info = [dict(num_chs=embed_dim, reduction=r, module=f"blocks.{i}") for i in range(depth)]
         self.head_drop = nn.Dropout(drop_rate)
@@ -268,11 +280,15 @@ class Spikformer(nn.Module):
         if global_pool is not None:
             if global_pool not in ("", "avg"):
                 raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+            if num_classes > 0 and not global_pool:
+                raise ValueError("global_pool='' (no pooling) only works without a classifier (num_classes=0)")
             self.global_pool = global_pool
-        if num_classes > 0 and not self.global_pool:
-            raise ValueError("global_pool='' (no pooling) only works without a classifier (num_classes=0)")
+        elif num_classes > 0 and not self.global_pool:
+            self.global_pool = "avg"  # a classifier reads pooled features: back to the default pooling
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # on the model's device and dtype, in its train/eval mode
+        head = nn.Linear(self.num_features, num_classes, **get_device_dtype(self)) if num_classes > 0 else nn.Identity()
+        self.head = head.train(self.training)
 
     def _to_sequence(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` image -> repeated ``(T, B, C, H, W)``; ``(B, T, C, H, W)`` frames -> ``(T, B, C, H, W)``."""

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, to_2tuple, trunc_normal_
+from timm.layers import DropPath, get_device_dtype, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model, register_model_deprecations
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -86,13 +86,14 @@ def cpb_bias(fc1: nn.Linear, fc2: nn.Linear, index: torch.Tensor, table: torch.T
 class ConvolutionalGLU(nn.Module):
     """fc1 -> split (x, gate); x -> 3x3 depthwise conv -> GELU; x * gate -> fc2. ``hidden = int(2 * hidden / 3)``."""
 
-    def __init__(self, dim: int, hidden_features: int, drop: float = 0.0):
+    def __init__(self, dim: int, hidden_features: int, drop: float = 0.0, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         hidden = int(2 * hidden_features / 3)
-        self.fc1 = nn.Linear(dim, hidden * 2)
-        self.dwconv = DWConv2d(hidden, 3)
+        self.fc1 = nn.Linear(dim, hidden * 2, **dd)
+        self.dwconv = DWConv2d(hidden, 3, **dd)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim, **dd)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
@@ -108,20 +109,21 @@ class _CosineAttentionBase(nn.Module):
     ``probs_quant`` (set by OFQ, one step per head) quantizes the softmax weights; the fused ops have no hook for
     them, so the attention is computed explicitly while it is set."""
 
-    def __init__(self, dim: int, num_heads: int, attn_drop: float, proj_drop: float):
+    def __init__(self, dim: int, num_heads: int, attn_drop: float, proj_drop: float, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         # softplus(temperature) starts at 1/0.24
-        self.temperature = nn.Parameter(torch.log((torch.ones(num_heads, 1, 1) / 0.24).exp() - 1))
-        self.query_embedding = nn.Parameter(trunc_normal_(torch.empty(num_heads, 1, self.head_dim), std=0.02))
+        self.temperature = nn.Parameter(torch.log((torch.ones(num_heads, 1, 1, **dd) / 0.24).exp() - 1))
+        self.query_embedding = nn.Parameter(trunc_normal_(torch.empty(num_heads, 1, self.head_dim, **dd), std=0.02))
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.cpb_fc1 = nn.Linear(2, 512)
-        self.cpb_fc2 = nn.Linear(512, num_heads)
+        self.cpb_fc1 = nn.Linear(2, 512, **dd)
+        self.cpb_fc2 = nn.Linear(512, num_heads, **dd)
         self.probs_quant = None
 
 
@@ -130,9 +132,9 @@ class Attention(_CosineAttentionBase):
     """Full attention (``sr_ratio == 1`` stages): scaled cosine similarity, ``log(N)`` length scale, cpb bias."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
-        super().__init__(dim, num_heads, attn_drop, proj_drop)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+                 proj_drop: float = 0.0, device=None, dtype=None):
+        super().__init__(dim, num_heads, attn_drop, proj_drop, device=device, dtype=dtype)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, size: Size, pool_size: Size, index: torch.Tensor,
                 table: torch.Tensor) -> torch.Tensor:
@@ -159,20 +161,23 @@ class AggregatedAttention(_CosineAttentionBase):
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 3, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__(dim, num_heads, attn_drop, proj_drop)
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__(dim, num_heads, attn_drop, proj_drop, **dd)
         if window_size % 2 != 1:
             raise ValueError(f"window_size must be odd, got {window_size}")
         self.window_size = window_size
         local_len = window_size ** 2
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.sr = nn.Conv2d(dim, dim, kernel_size=1)
-        self.norm = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
+        self.sr = nn.Conv2d(dim, dim, kernel_size=1, **dd)
+        self.norm = nn.LayerNorm(dim, **dd)
         self.act = nn.GELU()
-        self.relative_pos_bias_local = nn.Parameter(trunc_normal_(torch.empty(num_heads, local_len), std=0.0004))
-        self.learnable_tokens = nn.Parameter(trunc_normal_(torch.empty(num_heads, self.head_dim, local_len), std=0.02))
-        self.learnable_bias = nn.Parameter(torch.zeros(num_heads, 1, local_len))
+        self.relative_pos_bias_local = nn.Parameter(
+            trunc_normal_(torch.empty(num_heads, local_len, **dd), std=0.0004))
+        self.learnable_tokens = nn.Parameter(
+            trunc_normal_(torch.empty(num_heads, self.head_dim, local_len, **dd), std=0.02))
+        self.learnable_bias = nn.Parameter(torch.zeros(num_heads, 1, local_len, **dd))
 
     def project(self, x: torch.Tensor, size: Size, pool_size: Size):
         """``(q, k, v, k_pool, v_pool)``, each ``(B, heads, tokens, head_dim)``: the local projections of ``x`` and
@@ -205,15 +210,16 @@ class AggregatedAttention(_CosineAttentionBase):
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, window_size: int = 3, mlp_ratio: float = 4.0, sr_ratio: int = 1,
                  qkv_bias: bool = True, proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 norm_layer: Callable = nn.LayerNorm):
+                 norm_layer: Callable = nn.LayerNorm, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        self.norm1 = norm_layer(dim, **dd)
         if sr_ratio == 1:
-            self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+            self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, **dd)
         else:
-            self.attn = AggregatedAttention(dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop)
-        self.norm2 = norm_layer(dim)
-        self.mlp = ConvolutionalGLU(dim, int(dim * mlp_ratio), proj_drop)
+            self.attn = AggregatedAttention(dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop, **dd)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = ConvolutionalGLU(dim, int(dim * mlp_ratio), proj_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, size: Size, pool_size: Size, index: torch.Tensor,
@@ -225,10 +231,11 @@ class Block(nn.Module):
 class OverlapPatchEmbed(nn.Module):
     """Conv (kernel ``patch_size``, padding ``patch_size // 2``) -> LayerNorm (eps 1e-5); NCHW in, NHWC out."""
 
-    def __init__(self, patch_size: int, stride: int, in_chans: int, embed_dim: int):
+    def __init__(self, patch_size: int, stride: int, in_chans: int, embed_dim: int, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride, patch_size // 2)
-        self.norm = nn.LayerNorm(embed_dim)
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride, patch_size // 2, **dd)
+        self.norm = nn.LayerNorm(embed_dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
@@ -243,18 +250,19 @@ class TransNeXtStage(nn.Module):
     def __init__(self, dim: int, dim_out: int, depth: int, downsample: bool, num_heads: int, window_size: int,
                  sr_ratio: int, mlp_ratio: float, qkv_bias: bool, proj_drop: float, attn_drop: float,
                  drop_path: Sequence[float], norm_layer: Callable, pretrain_grid: int,
-                 fixed_pool_size: Optional[int]):
+                 fixed_pool_size: Optional[int], device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.grad_checkpointing = False
         self.sr_ratio = sr_ratio
         self.fixed_pool_size = fixed_pool_size if sr_ratio > 1 else None
         self.pretrain_grid = to_2tuple(pretrain_grid)
-        self.downsample = OverlapPatchEmbed(3, 2, dim, dim_out) if downsample else None
+        self.downsample = OverlapPatchEmbed(3, 2, dim, dim_out, **dd) if downsample else None
         self.blocks = nn.ModuleList([
             Block(dim_out, num_heads, window_size, mlp_ratio, sr_ratio, qkv_bias, proj_drop, attn_drop,
-                  drop_path[j], norm_layer)
+                  drop_path[j], norm_layer, **dd)
             for j in range(depth)])
-        self.norm = norm_layer(dim_out)
+        self.norm = norm_layer(dim_out, **dd)
         self._tables: Dict[Tuple[int, int, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def min_grid(self) -> int:
@@ -297,7 +305,8 @@ class TransNeXtStage(nn.Module):
 # ---- model ----------------------------------------------------------------------------------------------------------
 class TransNeXt(nn.Module):
     """TransNeXt. ``img_size`` / ``pretrain_size`` / ``fixed_pool_size`` as in the official constructor (see the
-    module docstring: any input size works at forward time; ``pretrain_size`` defaults to ``img_size``)."""
+    module docstring: any input size works at forward time; ``pretrain_size`` defaults to ``img_size``).
+    ``device`` / ``dtype``: where and in which dtype the parameters are created (timm's factory keywords)."""
 
     def __init__(
             self,
@@ -320,7 +329,10 @@ class TransNeXt(nn.Module):
             attn_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             norm_layer: Callable = partial(nn.LayerNorm, eps=1e-6),
+            device=None,
+            dtype=None,
     ):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
@@ -335,7 +347,7 @@ class TransNeXt(nn.Module):
         self.pretrain_size = pretrain_size
         self.grad_checkpointing = False
 
-        self.patch_embed = OverlapPatchEmbed(2 * patch_size - 1, patch_size, in_chans, embed_dims[0])
+        self.patch_embed = OverlapPatchEmbed(2 * patch_size - 1, patch_size, in_chans, embed_dims[0], **dd)
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages, self.feature_info, cur = [], [], 0
         for i in range(num_stages):
@@ -345,7 +357,7 @@ class TransNeXt(nn.Module):
                 num_heads=num_heads[i], window_size=window_size[i], sr_ratio=sr_ratios[i], mlp_ratio=mlp_ratios[i],
                 qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
                 drop_path=dpr[cur:cur + depths[i]], norm_layer=norm_layer, pretrain_grid=pretrain_size // stride,
-                fixed_pool_size=fixed_pool_size))
+                fixed_pool_size=fixed_pool_size, **dd))
             cur += depths[i]
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
@@ -354,7 +366,7 @@ class TransNeXt(nn.Module):
 
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @staticmethod
@@ -406,11 +418,15 @@ class TransNeXt(nn.Module):
         if global_pool is not None:
             if global_pool not in ("avg", ""):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            if num_classes > 0 and not global_pool:
+                raise ValueError("global_pool='' (no pooling) only works without a classifier (num_classes=0)")
             self.global_pool = global_pool
+        elif num_classes > 0 and not self.global_pool:
+            self.global_pool = "avg"  # a classifier reads pooled features: back to the default pooling
         self.num_classes = num_classes
-        device, dtype = self.patch_embed.proj.weight.device, self.patch_embed.proj.weight.dtype
-        self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) if num_classes > 0 \
-            else nn.Identity()
+        # on the model's device and dtype, in its train/eval mode
+        head = nn.Linear(self.num_features, num_classes, **get_device_dtype(self)) if num_classes > 0 else nn.Identity()
+        self.head = head.train(self.training)
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_input(x, self.in_chans, min_size=self.min_input_size, name="TransNeXt")

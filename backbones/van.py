@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale2d
+from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale2d, get_device_dtype
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -43,11 +43,12 @@ __all__ = ["VAN"]
 class LKA(nn.Module):
     """Large Kernel Attention: holds the official ``conv0``/``conv_spatial``/``conv1`` parameters, runs ``ops.lka``."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.conv0 = DWConv2d(dim, 5, padding=2)
-        self.conv_spatial = DWConv2d(dim, 7, padding=9, dilation=3)
-        self.conv1 = nn.Conv2d(dim, dim, 1)
+        self.conv0 = DWConv2d(dim, 5, padding=2, **dd)
+        self.conv_spatial = DWConv2d(dim, 7, padding=9, dilation=3, **dd)
+        self.conv1 = nn.Conv2d(dim, dim, 1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lka(x, self.conv0.weight, self.conv0.bias, self.conv_spatial.weight, self.conv_spatial.bias,
@@ -57,12 +58,13 @@ class LKA(nn.Module):
 class SpatialAttention(nn.Module):
     """``proj_2(LKA(GELU(proj_1(x)))) + x`` (official ``Attention``)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.proj_1 = nn.Conv2d(dim, dim, 1)
+        self.proj_1 = nn.Conv2d(dim, dim, 1, **dd)
         self.activation = nn.GELU()
-        self.spatial_gating_unit = LKA(dim)
-        self.proj_2 = nn.Conv2d(dim, dim, 1)
+        self.spatial_gating_unit = LKA(dim, **dd)
+        self.proj_2 = nn.Conv2d(dim, dim, 1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x)))) + x
@@ -71,12 +73,13 @@ class SpatialAttention(nn.Module):
 class ConvMlp(nn.Module):
     """1x1 conv -> depthwise 3x3 conv -> GELU -> dropout -> 1x1 conv -> dropout (official ``Mlp``)."""
 
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden, 1)
-        self.dwconv = DWConv2d(hidden, 3)
+        self.fc1 = nn.Conv2d(dim, hidden, 1, **dd)
+        self.dwconv = DWConv2d(hidden, 3, **dd)
         self.act = nn.GELU()
-        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.fc2 = nn.Conv2d(hidden, dim, 1, **dd)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,14 +91,15 @@ class VANBlock(nn.Module):
     """``x += ls1 * attn(BN(x))``; ``x += ls2 * mlp(BN(x))``, drop-path on both branches."""
 
     def __init__(self, dim: int, mlp_ratio: float, proj_drop: float = 0.0, drop_path: float = 0.0,
-                 layer_scale_init_value: float = 1e-2):
+                 layer_scale_init_value: float = 1e-2, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(dim)
-        self.attn = SpatialAttention(dim)
-        self.ls1 = LayerScale2d(dim, layer_scale_init_value)
-        self.norm2 = nn.BatchNorm2d(dim)
-        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), proj_drop)
-        self.ls2 = LayerScale2d(dim, layer_scale_init_value)
+        self.norm1 = nn.BatchNorm2d(dim, **dd)
+        self.attn = SpatialAttention(dim, **dd)
+        self.ls1 = LayerScale2d(dim, layer_scale_init_value, **dd)
+        self.norm2 = nn.BatchNorm2d(dim, **dd)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), proj_drop, **dd)
+        self.ls2 = LayerScale2d(dim, layer_scale_init_value, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,10 +110,11 @@ class VANBlock(nn.Module):
 class OverlapPatchEmbed(nn.Module):
     """Strided conv with ``padding = kernel // 2`` followed by BatchNorm (official ``OverlapPatchEmbed``)."""
 
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int):
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
-        self.proj = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2)
-        self.norm = nn.BatchNorm2d(out_chs)
+        self.proj = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, **dd)
+        self.norm = nn.BatchNorm2d(out_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x))
@@ -119,12 +124,14 @@ class VANStage(nn.Module):
     """Patch embedding -> blocks -> LayerNorm over channels (eps 1e-6)."""
 
     def __init__(self, in_chs: int, out_chs: int, depth: int, kernel_size: int, stride: int, mlp_ratio: float,
-                 proj_drop: float, drop_path: Sequence[float]):
+                 proj_drop: float, drop_path: Sequence[float], device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.grad_checkpointing = False
-        self.downsample = OverlapPatchEmbed(in_chs, out_chs, kernel_size, stride)
-        self.blocks = nn.Sequential(*[VANBlock(out_chs, mlp_ratio, proj_drop, drop_path[d]) for d in range(depth)])
-        self.norm = LayerNorm2d(out_chs, eps=1e-6)
+        self.downsample = OverlapPatchEmbed(in_chs, out_chs, kernel_size, stride, **dd)
+        self.blocks = nn.Sequential(*[VANBlock(out_chs, mlp_ratio, proj_drop, drop_path[d], **dd)
+                                      for d in range(depth)])
+        self.norm = LayerNorm2d(out_chs, eps=1e-6, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -148,6 +155,7 @@ class VAN(nn.Module):
         drop_rate: dropout before the classifier (timm convention; the official code has none there).
         proj_drop_rate: dropout inside the MLPs (what the official code calls ``drop_rate``).
         drop_path_rate: stochastic depth, linearly increasing over all blocks.
+        device, dtype: where and in which dtype the parameters are created (timm's factory keywords).
     """
 
     def __init__(
@@ -161,7 +169,10 @@ class VAN(nn.Module):
             drop_rate: float = 0.0,
             proj_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            device=None,
+            dtype=None,
     ):
+        dd = {"device": device, "dtype": dtype}
         super().__init__()
         num_stages = len(depths)
         if not len(embed_dims) == len(mlp_ratios) == num_stages:
@@ -179,12 +190,12 @@ class VAN(nn.Module):
             kernel_size, stride = (7, 4) if i == 0 else (3, 2)
             reduction *= stride
             stages.append(VANStage(prev, embed_dims[i], depths[i], kernel_size, stride, mlp_ratios[i],
-                                   proj_drop_rate, dpr[i]))
+                                   proj_drop_rate, dpr[i], **dd))
             prev = embed_dims[i]
             self.feature_info.append(dict(num_chs=prev, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.stride = reduction
-        self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -223,7 +234,7 @@ class VAN(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))
 
     def _check_input(self, x: torch.Tensor) -> None:
         # every conv pads to keep at least one output pixel, so any H, W >= 1 works

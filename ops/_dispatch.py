@@ -41,6 +41,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype for ``x``'s device type while autocast is on there, else None. Device types autocast does
+    not know (``meta``, on which timm builds and traces models without memory) count as autocast off instead of
+    raising inside ``torch.is_autocast_enabled``."""
+    device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+
 def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_ENV_VAR, "0") == "1"
 
@@ -137,8 +148,8 @@ def register_op(name: str, fn: Callable[..., Any]) -> None:
 def _measured_choice(op: str, args: Sequence[Any], x: torch.Tensor) -> Optional[str]:
     """The measured path for this call's signature, or None where no measurement can be made (stream capture, or a
     traced call with non-float tensor arguments whose values matter)."""
-    ac = (str(torch.get_autocast_dtype(x.device.type)).removeprefix("torch.")
-          if torch.is_autocast_enabled(x.device.type) else None)
+    ac = autocast_dtype(x)
+    ac = None if ac is None else str(ac).removeprefix("torch.")
     key = (_arg_key(tuple(args)), torch.is_grad_enabled(), ac)
     if torch.compiler.is_compiling():
         if not _all_float(key[0]):

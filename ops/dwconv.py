@@ -123,10 +123,11 @@ class DWConv2d(nn.Conv2d):
     """``nn.Conv2d(dim, out_dim, k, groups=dim)`` whose forward calls :func:`dwconv2d` (keys ``weight``/``bias``)."""
 
     def __init__(self, dim: int, kernel_size: int, stride: int = 1, padding: Optional[int] = None,
-                 dilation: int = 1, bias: bool = True, out_dim: Optional[int] = None):
+                 dilation: int = 1, bias: bool = True, out_dim: Optional[int] = None, device=None, dtype=None):
         if padding is None:
             padding = dilation * (kernel_size - 1) // 2
-        super().__init__(dim, out_dim or dim, kernel_size, stride, padding, dilation, groups=dim, bias=bias)
+        super().__init__(dim, out_dim or dim, kernel_size, stride, padding, dilation, groups=dim, bias=bias,
+                         device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:  # m*C weights would also fit a C*m/k-channel input

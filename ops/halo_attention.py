@@ -57,7 +57,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import resolve_impl, triton_available, register_op
+from ._dispatch import autocast_dtype, register_op, resolve_impl, triton_available
 
 __all__ = ["halo_attention", "halo_attention_explicit", "halo_attention_reference"]
 
@@ -152,7 +152,7 @@ _MAX_WIN, _MAX_BLOCK, _MAX_DQK, _MAX_DQK_FP32 = 16, 8, 128, 32
 def _kernel_dtype(q: torch.Tensor) -> torch.dtype:
     """The dtype the kernels compute in: the autocast dtype under autocast (the reference's matmuls would be
     cast to it), else the inputs' own."""
-    return torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+    return autocast_dtype(q) or q.dtype
 
 
 def _triton_supported(dt: torch.dtype, tensors, dqk: int, block_size: int, halo_size: int) -> bool:
@@ -179,7 +179,7 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return halo_attention_reference(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_size, stride, scale)
     _check_args(q, k, v, rel_pos_h, rel_pos_w, block_size, halo_size, stride)
     scale = float(q.shape[2] ** -0.5 if scale is None else scale)
-    if not torch.is_autocast_enabled(q.device.type) and any(t.dtype != dt for t in tensors):
+    if autocast_dtype(q) is None and any(t.dtype != dt for t in tensors):
         raise TypeError(f"halo_attention: operand dtypes differ ({', '.join(str(t.dtype) for t in tensors)})")
     q, k, v, rel_pos_h, rel_pos_w = (t.to(dt) for t in tensors)
     with torch.autocast(q.device.type, enabled=False):

@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._dispatch import interpreting, resolve_impl, triton_available, register_op
+from ._dispatch import autocast_dtype, interpreting, register_op, resolve_impl, triton_available
 from .lif import lif_multistep, lif_multistep_reference
 
 __all__ = ["spiking_attention", "spiking_attention_reference"]
@@ -54,8 +54,7 @@ def spiking_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                       decay_input: bool = True, alpha: float = 4.0, impl: Optional[str] = None) -> torch.Tensor:
     """Dispatcher: on CUDA the fused Triton kernel for 5-D bf16/fp16 inputs, cuBLAS matmuls + the Triton LIF for
     fp32 (see the module docstring); the reference elsewhere."""
-    low = torch.is_autocast_enabled(q.device.type)
-    dtype = torch.get_autocast_dtype(q.device.type) if low else q.dtype
+    dtype = autocast_dtype(q) or q.dtype
     supported = (q.ndim == 5 and q.shape == k.shape == v.shape and dtype in _TRITON_DTYPES
                  and q.dtype == k.dtype == v.dtype and q.numel() > 0)
     if resolve_impl(impl, q, supported,

@@ -1,4 +1,4 @@
-"""eval.py: accuracy / params / FLOPs / throughput / JSON from a Lightning checkpoint, a hub checkpoint or an export;
+"""eval.py: accuracy / params / GMACs / throughput / JSON from a Lightning checkpoint, a hub checkpoint or an export;
 export to timm's hub format and reload with identical outputs; bad input gives clear errors and loses nothing."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn as nn
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from backbones.training import (count_flops, evaluate, export_hub, load_eval_model, register_model_configs,
+from backbones.training import (count_macs, evaluate, export_hub, load_eval_model, register_model_configs,
                                 train)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,8 @@ def test_eval_lightning_checkpoint_export_and_hub_checkpoint(ckpt, tmp_path):
     model, _ = load_eval_model("ffnet_t", None, 10, ckpt=str(ckpt))
     model.eval()
     assert r["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
-    assert r["gflops"] == pytest.approx(count_flops(model, (3, 32, 32)) / 1e9) and r["gflops"] > 0
+    assert r["gmacs"] == pytest.approx(count_macs(model, (3, 32, 32)) / 1e9) and r["gmacs"] > 0
+    assert "gflops" not in r  # one unit, labelled: multiply-accumulates
     assert r["throughput_img_s"] > 0
 
     # the export is timm's hub format and reloads with identical outputs (EMA weights)
@@ -90,9 +91,10 @@ def test_eval_lightning_checkpoint_export_and_hub_checkpoint(ckpt, tmp_path):
     assert r_raw["weights"].startswith("model weights")
 
 
-def test_flop_count_of_a_conv():
+def test_mac_count_of_a_conv():
     conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
-    assert count_flops(conv, (3, 8, 8)) == 2 * 4 * 3 * 9 * 8 * 8
+    # one multiply-add per (output channel, input channel, tap, output pixel), as papers and timm count GMACs
+    assert count_macs(conv, (3, 8, 8)) == 4 * 3 * 9 * 8 * 8
 
 
 def test_bad_input_is_clear_and_loses_nothing(ckpt, tmp_path, three_class_folder):

@@ -111,8 +111,11 @@ def test_pretrained_cfgs_complete():
         cfg = timm.models.get_pretrained_cfg(name).to_dict()
         assert cfg["url"].startswith("https://github.com/ysj9909/FFNet/releases/"), name
         assert cfg["license"] and cfg["paper_ids"] == "arXiv:2406.02021" and cfg["interpolation"] == "bicubic"
-        assert cfg["crop_pct"] == (0.9 if name.split(".")[0] in ("ffnet_t", "ffnet_s") else 0.95), name
-    assert timm.models.get_pretrained_cfg("ffnet_l.in1k_384").input_size == (3, 384, 384)
+        if name.endswith("_384"):  # the fine-tunes: evaluated uncropped (official train.py under --finetune)
+            assert cfg["crop_pct"] == 1.0 and cfg["input_size"] == (3, 384, 384), name
+        else:
+            assert cfg["crop_pct"] == (0.9 if name.split(".")[0] in ("ffnet_t", "ffnet_s") else 0.95), name
+    assert {n for n in timm.list_pretrained("ffnet_*") if n.endswith("_384")} == {"ffnet_b.in1k_384", "ffnet_l.in1k_384"}
 
 
 def test_timm_contract():

@@ -33,7 +33,6 @@ def _run(model, x, impl, monkeypatch, dtype):
     x = x.clone().requires_grad_(True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         out = model(x)
-    out = out["main"] if isinstance(out, dict) else out
     out.float().square().mean().backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.detach().float(), x.grad.detach().float(), grads

@@ -98,3 +98,18 @@ def test_auto_measures_on_the_gpu(monkeypatch):
         (choice,) = D._CHOSEN.values()
         torch.testing.assert_close(out, ops.dwconv2d(x, w, None, 1, 9, 3, impl=choice))
     assert len(D._CHOSEN) == 1 and x.grad is None
+
+
+def test_autocast_queries_accept_meta_tensors():
+    # timm builds and traces models on the meta device; torch.is_autocast_enabled('meta') raises there
+    from ops._dispatch import autocast_dtype
+    from ops.halo_attention import halo_attention
+    from ops.spiking_attention import spiking_attention
+    assert autocast_dtype(torch.empty(1, device="meta")) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_dtype(torch.empty(1)) == torch.bfloat16
+    q = torch.randn(1, 2, 4, 8, 8, device="meta")  # (B, heads, d, H, W)
+    rel = torch.randn(2 * (4 + 2) - 1, 4, device="meta")
+    assert halo_attention(q, q, q, rel, rel, block_size=4, halo_size=1).shape == (1, 8, 8, 8)
+    s = torch.randn(2, 1, 2, 16, 4, device="meta")  # (T, B, heads, N, d)
+    assert spiking_attention(s, s, s, 0.125).shape == s.shape

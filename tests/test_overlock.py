@@ -215,19 +215,25 @@ def test_input_errors_and_any_size():
             assert model(torch.randn(1, 3, h, w)).shape == (1, 10)
 
 
-def test_training_forward_returns_aux_like_official():
+def test_aux_logits_are_opt_in():
     torch.manual_seed(0)
     model = overlock.OverLoCK(**TINY, drop_path_rate=0.2, drop_rate=0.1)
     assert model.aux_loss_weight == 0.4
-    out = model.train()(torch.randn(2, 3, 64, 64))
-    assert set(out) == {"main", "aux"} and out["main"].shape == out["aux"].shape == (2, 10)
+    x = torch.randn(2, 3, 64, 64)
+    out = model.train()(x)  # plain logits by default, as timm's models (and its train.py) expect
+    assert torch.is_tensor(out) and out.shape == (2, 10)
+    model.set_aux_training(True)  # deep supervision, as timm's distilled models switch theirs on
+    logits, aux = model(x)
+    assert logits.shape == aux.shape == (2, 10)
     target = torch.tensor([1, 2])
-    loss = torch.nn.functional.cross_entropy(out["main"], target)
-    loss = loss + model.aux_loss_weight * torch.nn.functional.cross_entropy(out["aux"], target)
+    loss = torch.nn.functional.cross_entropy(logits, target)
+    loss = loss + model.aux_loss_weight * torch.nn.functional.cross_entropy(aux, target)
     loss.backward()
     assert model.aux_head.fc.weight.grad.abs().sum() > 0 and model.patch_embed1[0].weight.grad.abs().sum() > 0
-    assert torch.is_tensor(model.eval()(torch.randn(1, 3, 64, 64)))
-    assert torch.is_tensor(overlock.OverLoCK(**TINY, use_ds=False).train()(torch.randn(2, 3, 64, 64)))
+    assert torch.is_tensor(model.eval()(torch.randn(1, 3, 64, 64)))  # never in eval mode
+    no_aux = overlock.OverLoCK(**TINY, use_ds=False).train()
+    no_aux.set_aux_training(True)
+    assert torch.is_tensor(no_aux(x))
 
 
 def test_grad_checkpointing_same_output_and_grads(monkeypatch):
@@ -284,6 +290,19 @@ def test_features_only_and_intermediates():
     assert [m.shape[-2:] for m in maps] == [(24, 16), (12, 8), (6, 4), (3, 2)]
     two = timm.create_model("overlock_xt", features_only=True, out_indices=(0, 1), **TINY)
     assert len(two.model.blocks3) == 0 and len(two(x)) == 2  # later stages pruned
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_pruned_model_forward_features_ends_at_the_tap(index):
+    model = overlock.OverLoCK(**TINY).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        tap = model.forward_intermediates(x, indices=[index], intermediates_only=True)[0]
+        model.prune_intermediate_layers([index])
+        torch.testing.assert_close(model.forward_features(x), tap, rtol=0, atol=0)
+        torch.testing.assert_close(model(x), tap, rtol=0, atol=0)  # no head left: the map itself
+    assert model.num_features == model.head_hidden_size == tap.shape[1]
+    model.train().forward_features(x).sum().backward()
 
 
 def test_group_matcher_covers_all_params_in_order():

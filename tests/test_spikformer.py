@@ -240,4 +240,15 @@ def test_train_step_grad_checkpointing_and_classifier():
     model.reset_classifier(0, "")
     assert model(x).shape == (2, 16, 2, 2)
     with pytest.raises(ValueError, match="only works without a classifier"):
-        model.reset_classifier(3)
+        model.reset_classifier(3, "")
+    model.reset_classifier(3)  # a new classifier brings the default pooling back
+    assert model(x).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", timm.list_models("spikformer_*", include_tags=True))
+def test_input_channels_match_the_pretrained_cfg(name):
+    # the DVS model reads 2 event polarities: its cfg, its in_chans and its first conv must all agree
+    model = timm.create_model(name, device="meta")
+    cfg_chans = model.pretrained_cfg["input_size"][0]
+    assert model.in_chans == cfg_chans == model.patch_embed.convs[0].conv.in_channels
+    assert cfg_chans == (2 if name.startswith("spikformer_dvs") else 3)

@@ -291,8 +291,23 @@ def test_aux_logits_need_aux_loss_weight():
         m.training_step((x, y), 0)
     m.model.aux_loss_weight = 0.4
     torch.testing.assert_close(m.training_step((x, y), 0), 1.4 * plain)
-    m.model.forward = lambda inp: dict(main=forward(inp), aux=forward(inp))  # OverLoCK's training output
-    torch.testing.assert_close(m.training_step((x, y), 0), 1.4 * plain)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+def test_overlock_deep_supervision_is_switched_on_with_official_weight():
+    tiny = dict(depth=(1, 1, 1, 1), sub_depth=(1, 1), embed_dim=(8, 8, 16, 16), kernel_size=(5, 5, 7, 5),
+                sub_num_heads=(1, 2), sub_mlp_ratio=(3, 3), projection=16)
+    m = ImageClassifier("overlock_xt", 10, model_kwargs=tiny, label_smoothing=0.0)
+    assert m.model.aux_training and m.model.aux_loss_weight == 0.4
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    torch.manual_seed(0)
+    loss = m.training_step((x, y), 0)
+    torch.manual_seed(0)
+    logits, aux = m.model.train()(x)
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(loss, ce(logits, y) + 0.4 * ce(aux, y))
+    m.model.eval()
+    assert torch.is_tensor(m(x))  # validation sees the logits only
 
 
 def test_compile_takes_a_mode():

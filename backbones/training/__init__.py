@@ -10,13 +10,13 @@ from .callbacks import DivergenceError, EpochLog, FiniteGuard
 from .checkpoint import AtomicCheckpointIO, atomic_write, export_hub, load_weights, read_checkpoint, write_json
 from .cli import run_job, unique_dir
 from .data import CheckedImageDataset, DigitsDataset, ImageDataModule
-from .evaluate import count_flops, evaluate, load_eval_model, measure_throughput
+from .evaluate import count_macs, evaluate, load_eval_model, measure_throughput
 from .module import ImageClassifier, create_model
 from .train import instantiate_all, instantiate_data, train
 
 __all__ = [
     "AtomicCheckpointIO", "CheckedImageDataset", "DigitsDataset", "DivergenceError", "EpochLog", "FiniteGuard",
-    "ImageClassifier", "ImageDataModule", "atomic_write", "count_flops", "create_model", "measure_throughput",
+    "ImageClassifier", "ImageDataModule", "atomic_write", "count_macs", "create_model", "measure_throughput",
     "evaluate", "export_hub", "instantiate_all", "instantiate_data", "load_eval_model", "load_weights",
     "read_checkpoint", "register_model_configs", "run_job", "train", "unique_dir", "write_json",
 ]

@@ -1,4 +1,4 @@
-"""``evaluate(cfg)``: what ``python eval.py`` runs: accuracy, parameters, FLOPs, throughput, JSON, export."""
+"""``evaluate(cfg)``: what ``python eval.py`` runs: accuracy, parameters, GMACs, throughput, JSON, export."""
 from __future__ import annotations
 
 import time
@@ -18,7 +18,7 @@ from .cli import remove_run_dir
 from .module import create_model
 from .train import instantiate_data
 
-__all__ = ["load_eval_model", "count_flops", "measure_throughput", "evaluate"]
+__all__ = ["load_eval_model", "count_macs", "measure_throughput", "evaluate"]
 
 def _class_mismatch(what: str, ckpt_classes: Any, num_classes: int) -> ValueError:
     return ValueError(f"{what} has {ckpt_classes} classes but the dataset has {num_classes}: evaluate it on a "
@@ -87,13 +87,15 @@ def load_eval_model(model_name: str, model_kwargs: Optional[Dict[str, Any]], num
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, input_size) -> int:
-    """FLOPs of one image (a multiply-add counts 2), from ``torch.utils.flop_counter`` (matmul/conv/attention)."""
+def count_macs(model: nn.Module, input_size) -> int:
+    """Multiply-accumulates of one image, the unit papers and timm's benchmark tables quote as "GMACs" (often
+    loosely called FLOPs): half of ``torch.utils.flop_counter``'s total, which counts a multiply-add as 2 FLOPs
+    (matmul / conv / attention ops; elementwise ops are not counted)."""
     p = next(model.parameters())
     x = torch.zeros(1, *input_size, device=p.device, dtype=p.dtype)
     with FlopCounterMode(display=False) as counter:
         model(x)
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()) // 2
 
 
 @torch.inference_mode()
@@ -168,7 +170,7 @@ def _evaluate(cfg: DictConfig) -> Dict[str, Any]:
         "top1": float(acc[1].compute()) * 100,
         "top5": float(acc[min(5, num_classes)].compute()) * 100,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "gflops": count_flops(model, input_size) / 1e9,
+        "gmacs": count_macs(model, input_size) / 1e9,
         "input_size": list(input_size),
         "throughput_img_s": measure_throughput(model, input_size, cfg.bench.batch_size, device, amp=cfg.amp,
                                                channels_last=cfg.channels_last, warmup=cfg.bench.warmup,

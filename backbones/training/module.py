@@ -1,10 +1,11 @@
 """LightningModule for image classification with any hub (or timm) model.
 
 The loss is cross-entropy with label smoothing on hard targets and soft-target cross-entropy when the data module's
-Mixup/CutMix produced soft targets. Models that return auxiliary logits in training mode (deep supervision) as
-``(logits, *aux_logits)`` or ``dict(main=logits, aux=aux_logits, ...)`` (OverLoCK) must define a float attribute
-``aux_loss_weight``: the loss is then ``CE(logits) + aux_loss_weight * sum(CE(aux) for aux in aux_logits)``, the
-same criterion (label smoothing / soft targets) for every head; in eval mode they return the logits only.
+Mixup/CutMix produced soft targets. Models with auxiliary heads (deep supervision: OverLoCK) return plain logits
+by default, as every timm model does; a model that has ``set_aux_training`` gets it switched on here, and then returns
+``(logits, *aux_logits)`` in training mode. Such a model must define a float attribute ``aux_loss_weight``: the loss is
+``CE(logits) + aux_loss_weight * sum(CE(aux) for aux in aux_logits)``, the same criterion (label smoothing / soft
+targets) for every head (OverLoCK: 0.4, the official ``--aux-loss-ratio``); in eval mode they return the logits only.
 
 Optimizer and schedule come from timm: ``create_optimizer_v2`` (AdamW by default; its parameter groups put norms,
 biases, layer scales and whatever ``model.no_weight_decay()`` names in a group without weight decay) and
@@ -104,6 +105,8 @@ class ImageClassifier(L.LightningModule):
             model = freeze_batch_norm_2d(model)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if hasattr(model, "set_aux_training"):  # deep supervision is opt-in (OverLoCK's auxiliary head)
+            model.set_aux_training(True)
         self.model = model
         self.ema = ModelEmaV3(model, decay=ema_decay, use_warmup=ema_warmup) if ema_decay else None
         if self.ema is not None:
@@ -138,9 +141,7 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         out = self(self._prep(x))
-        if isinstance(out, dict):  # e.g. OverLoCK: dict(main=logits, aux=aux_logits)
-            out = (out["main"], *(v for k, v in out.items() if k != "main"))
-        if isinstance(out, (tuple, list)):
+        if isinstance(out, (tuple, list)):  # (logits, *aux_logits), e.g. OverLoCK after set_aux_training(True)
             weight = getattr(self.model, "aux_loss_weight", None)
             if weight is None:
                 raise TypeError(f"{self.hparams.model_name} returned {len(out)} outputs in training mode; a model "
