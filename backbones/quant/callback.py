@@ -69,7 +69,7 @@ class OFQ(L.Callback):
         if any(isinstance(m, QUANT_LAYERS) for m in model.modules()):
             return
         # train.py sets `init_weights` (None: random initialisation); a resumed run restores trained weights
-        if stage == "fit" and not trainer.ckpt_path and not getattr(pl_module, "init_weights", None):
+        if stage == "fit" and not getattr(trainer, "ckpt_path", None) and not getattr(pl_module, "init_weights", None):
             log.warning("OFQ starts from randomly initialised weights: quantization-aware training is meant to "
                         "fine-tune a trained full-precision model; pass weights=PATH (a train.py .ckpt, an exported "
                         "folder or an official checkpoint file) or model.pretrained=true")
