@@ -8,3 +8,10 @@ if not torch.cuda.is_available():
 os.environ.setdefault("WANDB_MODE", "offline")
 # Two test workers share two cores: one intra-op thread each (oversubscription makes small convs ~10x slower).
 torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    # Markers of timm's own test-suite (tests/test_timm_suite.py runs it), registered so they raise no warnings.
+    for name in ("base", "cfg", "cfg_nonstd", "forward", "backward", "torchscript", "features", "fxforward",
+                 "fxbackward", "timeout"):
+        config.addinivalue_line("markers", f"{name}: used by timm's test_models.py")
