@@ -64,7 +64,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import drop_path, trunc_normal_
+from timm.layers import drop_path, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -179,6 +179,28 @@ class SpikformerBlock(nn.Module):
         return x + self.drop_path(self.mlp(x))
 
 
+# A leaf for torch.fx (a public name: FX wraps no "_" names): it branches on the input's rank (image or frame
+# sequence), which tracing does not know.
+@register_notrace_function
+def frames_to_sequence(x: torch.Tensor, in_chans: int, T: int) -> torch.Tensor:
+    """``(B, C, H, W)`` image -> repeated ``(T, B, C, H, W)``; ``(B, T, C, H, W)`` frames -> ``(T, B, C, H, W)``."""
+    if x.ndim == 5:
+        check_input(x[:, 0], in_chans, name="Spikformer (frame sequence B, T, C, H, W)")
+        return x.transpose(0, 1)
+    if x.ndim != 4:
+        raise ValueError("Spikformer expects an image batch (B, C, H, W) or a frame sequence (B, T, C, H, W), "
+                         f"got a tensor of shape {tuple(x.shape)}")
+    check_input(x, in_chans, name="Spikformer")
+    return x.unsqueeze(0).expand(T, *x.shape)
+
+
+@register_notrace_function
+def mean_over_time(x: torch.Tensor, per_step: bool = False) -> torch.Tensor:
+    """``(T, B, ...)`` -> ``(B, ...)``, or ``x`` itself with ``per_step``. A leaf for torch.fx: ``per_step`` is an
+    argument of ``forward``, so a traced graph keeps both behaviours (tracing cannot branch on it)."""
+    return x if per_step else x.mean(0)
+
+
 class Spikformer(nn.Module):
     """Spikformer: SPS stem, ``depth`` spiking transformer blocks, linear head on time- and token-averaged features.
 
@@ -275,15 +297,7 @@ class Spikformer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _to_sequence(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` image -> repeated ``(T, B, C, H, W)``; ``(B, T, C, H, W)`` frames -> ``(T, B, C, H, W)``."""
-        if x.ndim == 5:
-            check_input(x[:, 0], self.in_chans, name="Spikformer (frame sequence B, T, C, H, W)")
-            return x.transpose(0, 1)
-        if x.ndim != 4:
-            raise ValueError("Spikformer expects an image batch (B, C, H, W) or a frame sequence (B, T, C, H, W), "
-                             f"got a tensor of shape {tuple(x.shape)}")
-        check_input(x, self.in_chans, name="Spikformer")
-        return x.unsqueeze(0).expand(self.T, *x.shape)
+        return frames_to_sequence(x, self.in_chans, self.T)
 
     def forward_intermediates(
             self,
@@ -327,7 +341,7 @@ class Spikformer(nn.Module):
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
-        return x if per_step else x.mean(0)
+        return mean_over_time(x, per_step)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Token mean then head; works on ``(B, C, H, W)`` and on per-step ``(T, B, C, H, W)`` features."""
