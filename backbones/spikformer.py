@@ -16,7 +16,9 @@ Forward and time steps: ``forward(x)`` takes a normal image batch ``(B, C, H, W)
 steps (``T`` is a constructor argument), or a frame sequence ``(B, T, C, H, W)`` (event frames for the DVS models,
 any ``T``). ``forward_features``/``forward_intermediates``/``features_only`` return time-averaged (firing-rate) maps
 ``(B, C, H, W)``; pass ``per_step=True`` to ``forward``/``forward_features`` for per-time-step outputs ``(T, B, ...)``
-(per-step logits average to the normal logits: the head is affine).
+(per-step logits average to the normal logits: the head is affine). timm's FX feature extraction
+(``features_only=True, feature_cls="fx"``) returns the blocks' outputs themselves, per time step ``(T, B, C, H, W)``:
+their means over time are the default features.
 
 Variants (the official code paths, one model class):
   * ImageNet (``spikformer_<depth>_<dim>``): stem pools at all 4 convs (stride 16), q/k/v without bias, SSA scale
