@@ -11,8 +11,11 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_function, register_notrace_module
 from timm.models import build_model_with_cfg, load_state_dict
 from timm.models._features import feature_take_indices
+
+import ops
 
 __all__ = ["OFQ_ATTENTION", "ofq_attention", "unwrap_checkpoint", "check_state_dict", "check_input",
            "stage_intermediates", "read_weights_file", "build_model"]
@@ -23,6 +26,15 @@ __all__ = ["OFQ_ATTENTION", "ofq_attention", "unwrap_checkpoint", "check_state_d
 # Registered under its name (a (class, name) entry): timm's own loader wraps loads in
 # `torch.serialization.safe_globals([argparse.Namespace])`, whose exit removes a plain class entry again.
 torch.serialization.add_safe_globals([(argparse.Namespace, "argparse.Namespace")])
+
+# Leaves for torch.fx (timm's FX feature extraction, FX quantization/pruning): the ops' dispatchers branch on device,
+# dtype, autocast and shape, which symbolic tracing cannot follow, so a traced graph calls each as one op (which then
+# dispatches and checks at run time). DWConv2d is a leaf module for its input check.
+for _fn in (ops.dwconv2d, ops.lka, ops.mix_shift, ops.channel_attention, ops.na2d_qk, ops.na2d_av, ops.na2d_rpb,
+            ops.na2d_attention, ops.window_attention, ops.aggregated_attention, ops.lif_multistep, ops.halo_attention,
+            ops.spiking_attention):
+    register_notrace_function(_fn)
+register_notrace_module(ops.DWConv2d)
 
 # OFQ kind -> the family attention class that declared it (``ofq_attention``). ``backbones.quant.attention``
 # implements each kind; the families declare, next to the class, which of their modules are attention.
@@ -108,6 +120,12 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, s
         raise ValueError(f"{source} does not match model '{name}': " + " | ".join(problems))
 
 
+# A leaf for torch.fx (timm's FX feature extraction, FX quantization/pruning): the check branches on the input's
+# shape, which symbolic tracing cannot do, so the traced graph calls it as one op and still checks at run time.
+# Marked as having a side effect (as torch._assert is) so dead-code elimination keeps it although nothing uses its
+# result (FX feature extractors prune the graph).
+@torch.fx.node.has_side_effect
+@register_notrace_function
 def check_input(x: torch.Tensor, in_chans: int, min_size: int = 1, multiple: Optional[int] = None, name: str = "model") -> None:
     """Validate an image batch ``(B, C, H, W)``: channel count and spatial size, with errors that say what to change."""
     if x.ndim != 4:

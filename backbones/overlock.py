@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d, SEModule, get_device_dtype
+from timm.layers import (DropPath, LayerNorm2d, SelectAdaptivePool2d, SEModule, get_device_dtype,
+                         register_notrace_function)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -192,6 +193,25 @@ class RepConvBlock(nn.Module):
         return x + self.drop_path(self.ls(self.proj(x)))
 
 
+# ContMix's size-dependent steps are leaves for torch.fx (public names: FX wraps no "_" names): they branch on
+# the map size, which tracing does not know.
+@register_notrace_function
+def upsize_to_window(x: torch.Tensor, x_f: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Bilinearly up-size ``x`` and ``x_f`` so the shorter side is ``k`` (official ``is_pad``), when it is shorter."""
+    H, W = x.shape[-2:]
+    if min(H, W) >= k:
+        return x, x_f
+    H, W = (k, int(k / H * W)) if H < W else (int(k / W * H), k)
+    return (F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False),
+            F.interpolate(x_f, size=(H, W), mode="bilinear", align_corners=False))
+
+
+@register_notrace_function
+def pool_to_size(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Average-pool an up-sized map back to ``size`` (the inverse step of :func:`upsize_to_window`)."""
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(x, size)
+
+
 @ofq_attention("overlock_contmix")
 class DynamicConvBlock(nn.Module):
     """Focus-Net block with ContMix. Input: features ``x`` (``dim`` channels) and the context channels ``h_x``
@@ -254,13 +274,9 @@ class DynamicConvBlock(nn.Module):
     def contmix(self, x: torch.Tensor, x_f: torch.Tensor) -> torch.Tensor:
         """Dynamic-kernel aggregation of ``x`` (``[B, dim, H, W]``) steered by the normalised fused map ``x_f``."""
         size = x.shape[-2:]
-        H, W = size
         k, s, G = self.kernel_size, self.smk_size, self.num_heads
-        if min(H, W) < k:  # official is_pad: up-size so the k x k window fits, pool back below
-            H, W = (k, int(k / H * W)) if H < W else (int(k / W * H), k)
-            x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
-            x_f = F.interpolate(x_f, size=(H, W), mode="bilinear", align_corners=False)
-        B, dim = x.shape[:2]
+        x, x_f = upsize_to_window(x, x_f, k)  # official is_pad: up-size so the k x k window fits, pool back below
+        B, dim, H, W = x.shape
         query, key = x_f.split([dim, x_f.shape[1] - dim], dim=1)
         query = (self.weight_query(query) * self.scale).reshape(B, G, -1, H * W)
         key = self.weight_key(key).reshape(B, G, -1, 49)
@@ -274,10 +290,7 @@ class DynamicConvBlock(nn.Module):
             attn_s, attn_k = self.probs_quant(attn_s, attn_k)
         value = x.reshape(B, 2, G, dim // (2 * G), H, W).permute(1, 0, 2, 4, 5, 3)  # [2, B, G, H, W, c]
         out = torch.cat([na2d_av(attn_s, value[0], s), na2d_av(attn_k, value[1], k)], dim=1)  # [B, 2G, H, W, c]
-        out = out.permute(0, 1, 4, 2, 3).reshape(B, dim, H, W)
-        if (H, W) != tuple(size):
-            out = F.adaptive_avg_pool2d(out, size)
-        return out
+        return pool_to_size(out.permute(0, 1, 4, 2, 3).reshape(B, dim, H, W), size)
 
     def forward(self, x: torch.Tensor, h_x: torch.Tensor, h_r: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "x_scale"):
@@ -538,7 +551,8 @@ class OverLoCK(nn.Module):
             ctx_up = F.interpolate(ctx_ori, size=x.shape[2:], mode="bilinear", align_corners=False)
             outs.append(self._focus_stage(self.sub_blocks3, x, ctx_up, ctx_up))
         if last_stage >= 3:
-            x, h_x = self.patch_embedx(*outs[-1].split([x.shape[1], ctx_up.shape[1]], dim=1))
+            x, h_x = outs[-1].split([x.shape[1], ctx_up.shape[1]], dim=1)
+            x, h_x = self.patch_embedx(x, h_x)
             outs.append(self._focus_stage(self.sub_blocks4, x, h_x, ctx_ori))
         return outs, ctx
 

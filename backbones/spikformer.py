@@ -16,7 +16,9 @@ Forward and time steps: ``forward(x)`` takes a normal image batch ``(B, C, H, W)
 steps (``T`` is a constructor argument), or a frame sequence ``(B, T, C, H, W)`` (event frames for the DVS models,
 any ``T``). ``forward_features``/``forward_intermediates``/``features_only`` return time-averaged (firing-rate) maps
 ``(B, C, H, W)``; pass ``per_step=True`` to ``forward``/``forward_features`` for per-time-step outputs ``(T, B, ...)``
-(per-step logits average to the normal logits: the head is affine).
+(per-step logits average to the normal logits: the head is affine). timm's FX feature extraction
+(``features_only=True, feature_cls="fx"``) returns the blocks' outputs themselves, per time step ``(T, B, C, H, W)``:
+their means over time are the default features.
 
 Variants (the official code paths, one model class):
   * ImageNet (``spikformer_<depth>_<dim>``): stem pools at all 4 convs (stride 16), q/k/v without bias, SSA scale
@@ -64,7 +66,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import drop_path, get_device_dtype, trunc_normal_
+from timm.layers import drop_path, get_device_dtype, register_notrace_function, trunc_normal_
 from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -186,6 +188,28 @@ class SpikformerBlock(nn.Module):
         return x + self.drop_path(self.mlp(x))
 
 
+# A leaf for torch.fx (a public name: FX wraps no "_" names): it branches on the input's rank (image or frame
+# sequence), which tracing does not know.
+@register_notrace_function
+def frames_to_sequence(x: torch.Tensor, in_chans: int, T: int) -> torch.Tensor:
+    """``(B, C, H, W)`` image -> repeated ``(T, B, C, H, W)``; ``(B, T, C, H, W)`` frames -> ``(T, B, C, H, W)``."""
+    if x.ndim == 5:
+        check_input(x[:, 0], in_chans, name="Spikformer (frame sequence B, T, C, H, W)")
+        return x.transpose(0, 1)
+    if x.ndim != 4:
+        raise ValueError("Spikformer expects an image batch (B, C, H, W) or a frame sequence (B, T, C, H, W), "
+                         f"got a tensor of shape {tuple(x.shape)}")
+    check_input(x, in_chans, name="Spikformer")
+    return x.unsqueeze(0).expand(T, *x.shape)
+
+
+@register_notrace_function
+def mean_over_time(x: torch.Tensor, per_step: bool = False) -> torch.Tensor:
+    """``(T, B, ...)`` -> ``(B, ...)``, or ``x`` itself with ``per_step``. A leaf for torch.fx: ``per_step`` is an
+    argument of ``forward``, so a traced graph keeps both behaviours (tracing cannot branch on it)."""
+    return x if per_step else x.mean(0)
+
+
 class Spikformer(nn.Module):
     """Spikformer: SPS stem, ``depth`` spiking transformer blocks, linear head on time- and token-averaged features.
 
@@ -291,15 +315,7 @@ class Spikformer(nn.Module):
         self.head = head.train(self.training)
 
     def _to_sequence(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` image -> repeated ``(T, B, C, H, W)``; ``(B, T, C, H, W)`` frames -> ``(T, B, C, H, W)``."""
-        if x.ndim == 5:
-            check_input(x[:, 0], self.in_chans, name="Spikformer (frame sequence B, T, C, H, W)")
-            return x.transpose(0, 1)
-        if x.ndim != 4:
-            raise ValueError("Spikformer expects an image batch (B, C, H, W) or a frame sequence (B, T, C, H, W), "
-                             f"got a tensor of shape {tuple(x.shape)}")
-        check_input(x, self.in_chans, name="Spikformer")
-        return x.unsqueeze(0).expand(self.T, *x.shape)
+        return frames_to_sequence(x, self.in_chans, self.T)
 
     def forward_intermediates(
             self,
@@ -343,7 +359,7 @@ class Spikformer(nn.Module):
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
-        return x if per_step else x.mean(0)
+        return mean_over_time(x, per_step)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Token mean then head; works on ``(B, C, H, W)`` and on per-step ``(T, B, C, H, W)`` features."""

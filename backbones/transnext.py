@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, get_device_dtype, to_2tuple, trunc_normal_
+from timm.layers import DropPath, get_device_dtype, register_notrace_module, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model, register_model_deprecations
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -241,6 +241,28 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
+# A leaf module for torch.fx: the tables depend on the input's size, which tracing does not know (and a traced graph
+# keeps the cache).
+@register_notrace_module
+class CpbTables(nn.Module):
+    """A stage's :func:`relative_position_cpb` ``(index, table)`` for a query/key grid size, built on first use for
+    each size (and device) and cached (no parameters or buffers: nothing in the state_dict)."""
+
+    def __init__(self, pretrain_grid: Size):
+        super().__init__()
+        self.pretrain_grid = pretrain_grid
+        self.cache: Dict[Tuple[int, int, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, size: Size, pool_size: Size, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        key = (*size, device)
+        if key not in self.cache:
+            if len(self.cache) >= 8:  # bound the cache under multi-scale training
+                self.cache.clear()
+            index, table = relative_position_cpb(size, pool_size, self.pretrain_grid)
+            self.cache[key] = index.to(device), table.to(device)
+        return self.cache[key]
+
+
 class TransNeXtStage(nn.Module):
     """(downsample) -> blocks on tokens -> norm; NHWC (first stage) or NCHW in, NCHW out.
 
@@ -263,7 +285,7 @@ class TransNeXtStage(nn.Module):
                   drop_path[j], norm_layer, **dd)
             for j in range(depth)])
         self.norm = norm_layer(dim_out, **dd)
-        self._tables: Dict[Tuple[int, int, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cpb_tables = CpbTables(self.pretrain_grid)
 
     def min_grid(self) -> int:
         """Smallest query grid side this stage accepts."""
@@ -279,20 +301,15 @@ class TransNeXtStage(nn.Module):
         return size[0] // self.sr_ratio, size[1] // self.sr_ratio
 
     def tables(self, size: Size, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        key = (*size, device)
-        if key not in self._tables:
-            if len(self._tables) >= 8:  # bound the cache under multi-scale training
-                self._tables.clear()
-            index, table = relative_position_cpb(size, self.pool_size(size), self.pretrain_grid)
-            self._tables[key] = index.to(device), table.to(device)
-        return self._tables[key]
+        return self.cpb_tables(size, self.pool_size(size), device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample(x)
         B, H, W, C = x.shape
         size = (H, W)  # at least min_grid() per side: the model checks the input size
-        args = (size, self.pool_size(size), *self.tables(size, x.device))
+        index, table = self.tables(size, x.device)
+        args = (size, self.pool_size(size), index, table)
         x = x.reshape(B, H * W, C)
         for blk in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():

@@ -10,6 +10,13 @@ os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    # Markers of timm's own test-suite (tests/test_timm_suite.py runs it), registered so they raise no warnings.
+    for name in ("base", "cfg", "cfg_nonstd", "forward", "backward", "torchscript", "features", "fxforward",
+                 "fxbackward", "timeout"):
+        config.addinivalue_line("markers", f"{name}: used by timm's test_models.py")
+
+
 # The tests that exercise Triton kernels: on CPU they run through the interpreter; on a GPU machine
 # `python -m pytest -m gpu` runs them compiled (whole models on the Triton path included).
 _GPU_FILES = ("test_op_", "test_ops_dispatch.py", "test_models_triton.py")

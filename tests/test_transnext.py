@@ -80,7 +80,7 @@ def test_other_resolution_at_forward_time_without_rebuilding(fixed_pool_size):
         assert_rel_close(model(io160["input"].double()), io160["logits"], 1e-6, "logits at 160")
         if fixed_pool_size is None:
             assert_rel_close(model(io128["input"].double()), io128["logits"], 1e-6, "logits at 128 again")
-            assert len(model.stages[0]._tables) == 2  # one cached table set per size
+            assert len(model.stages[0].cpb_tables.cache) == 2  # one cached table set per size
 
 
 def test_any_size_and_clear_errors():
