@@ -77,6 +77,14 @@ def _all_float(k: Any) -> bool:
     return all(_all_float(v) for v in k) if isinstance(k, tuple) else True
 
 
+def _all_static(k: Any) -> bool:
+    """Whether a signature holds no symbolic sizes (dynamic shapes under torch.compile): only then is it a constant
+    the measurement can be keyed and run on."""
+    if isinstance(k, tuple):
+        return all(_all_static(v) for v in k)
+    return not isinstance(k, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
 def _from_key(k: Any, device: torch.device, like: Optional[Sequence[Any]] = None) -> Any:
     """The argument a signature entry describes: a copy of ``like`` (the real argument) where given, else random."""
     if isinstance(k, tuple) and len(k) == 5 and k[0] == "T":
@@ -152,7 +160,7 @@ def _measured_choice(op: str, args: Sequence[Any], x: torch.Tensor) -> Optional[
     ac = None if ac is None else str(ac).removeprefix("torch.")
     key = (_arg_key(tuple(args)), torch.is_grad_enabled(), ac)
     if torch.compiler.is_compiling():
-        if not _all_float(key[0]):
+        if not (_all_float(key[0]) and _all_static(key[0])):
             return None
         return _measured_at_trace(op, key, str(x.device))
     full = (op, key)

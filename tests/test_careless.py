@@ -31,14 +31,6 @@ TINY = [
 register_model_configs(str(CONF))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_cfg(out: Path, overrides=()):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=[f"output_dir={out}", *overrides])

@@ -57,12 +57,16 @@ def test_auto_measures_once_per_signature(monkeypatch):
         return {0: 2.0, 1: 1.0, 2: 1.0, 3: 3.0}[len(timed) - 1]  # triton faster first, then the reference
 
     monkeypatch.setattr(D, "_median_ms", fake_median_ms)
+    received = []
+    op = D._OPS["dwconv2d"]
+    monkeypatch.setitem(D._OPS, "dwconv2d", lambda *a, **kw: received.append(a[:2]) or op(*a, **kw))
     w = torch.randn(8, 1, 7, 7, requires_grad=True)
     x = torch.randn(1, 8, 9, 9, requires_grad=True)
     args = (x, w, None, 1, 3, 1)
     assert D._measured_choice("dwconv2d", args, x) == "triton" and len(timed) == 2
     assert D._measured_choice("dwconv2d", args, x) == "triton" and len(timed) == 2  # cached
-    assert x.grad is None and w.grad is None  # measured on copies
+    # measured on copies with the same values and layout, never on the caller's tensors
+    assert received and all(a is not x and b is not w and torch.equal(a, x) and torch.equal(b, w) for a, b in received)
     wider = torch.randn(1, 8, 9, 11)
     assert D._measured_choice("dwconv2d", (wider, w, None, 1, 3, 1), wider) == "reference" and len(timed) == 4
 

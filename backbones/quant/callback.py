@@ -68,11 +68,6 @@ class OFQ(L.Callback):
         model = pl_module.model
         if any(isinstance(m, QUANT_LAYERS) for m in model.modules()):
             return
-        # train.py sets `init_weights` (None: random initialisation); a resumed run restores trained weights
-        if stage == "fit" and not getattr(trainer, "ckpt_path", None) and not getattr(pl_module, "init_weights", None):
-            log.warning("OFQ starts from randomly initialised weights: quantization-aware training is meant to "
-                        "fine-tune a trained full-precision model; pass weights=PATH (a train.py .ckpt, an exported "
-                        "folder or an official checkpoint file) or model.pretrained=true")
         self.roles = quantize_model(model, self.cfg)
         weight_only = [n for n, r in self.roles.items() if r == "weight_only"]
         if weight_only:
@@ -82,6 +77,15 @@ class OFQ(L.Callback):
         if ema is not None:
             quantize_model(ema.module, self.cfg)
             ema.requires_grad_(False)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # From here on Lightning knows the resumed checkpoint (a resumed run restores trained weights); train.py
+        # sets `init_weights` when it loads weights, `pretrained` is the module's own hyperparameter.
+        hparams = getattr(pl_module, "hparams", {})
+        if not (trainer.ckpt_path or getattr(pl_module, "init_weights", None) or hparams.get("pretrained")):
+            log.warning("OFQ starts from randomly initialised weights: quantization-aware training is meant to "
+                        "fine-tune a trained full-precision model; pass weights=PATH (a train.py .ckpt, an exported "
+                        "folder or an official checkpoint file) or model.pretrained=true")
 
     def _block_layers(self, pl_module):
         return [(n, m) for n, m in quantized_layers(pl_module.model) if m.role == "block"]

@@ -23,9 +23,11 @@ def _first_non_finite(tensors: Dict[str, torch.Tensor]) -> Optional[str]:
     floats = [(k, v) for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point()]
     if not floats:
         return None
-    # one reduction per tensor and a single host sync; a non-finite value makes the sum non-finite
-    sums = torch.stack([v.detach().float().sum().to(floats[0][1].device) for _, v in floats])
-    bad = (~torch.isfinite(sums)).nonzero()
+    # one fused multi-tensor reduction and a single host sync; a non-finite value makes its tensor's norm non-finite
+    with torch.no_grad():
+        norms = torch._foreach_norm([v.detach() for _, v in floats])
+        norms = torch.stack([n.float().to(floats[0][1].device) for n in norms])
+    bad = (~torch.isfinite(norms)).nonzero()
     return floats[int(bad[0])][0] if len(bad) else None
 
 

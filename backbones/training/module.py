@@ -118,7 +118,9 @@ class ImageClassifier(L.LightningModule):
                              f"{sorted(torch._inductor.list_mode_options())}, got {compile!r}")
         mode = compile if isinstance(compile, str) else None
         object.__setattr__(self, "_compiled", torch.compile(model, mode=mode) if compile else None)
-        self._cuda_graphs = mode == "reduce-overhead"
+        # the modes that replay CUDA graphs (reduce-overhead, max-autotune) need each step marked
+        self._cuda_graphs = bool(compile) and torch._inductor.list_mode_options(mode or "default").get(
+            "triton.cudagraphs", False)
         self.soft_ce = SoftTargetCrossEntropy()
         self._seen, self._t0, self._t1 = 0, 0.0, 0.0
         self.val_acc = _accuracy(num_classes, "val/")

@@ -50,7 +50,7 @@ def _check_resume(path: str, num_classes: int, model_name: str, model_kwargs: Di
     theirs = (hp.get("model_name"), dict(hp.get("model_kwargs") or {}))
 
     def arch(kwargs):  # dropout / drop-path rates are training settings, free to change on resume
-        return {k: v for k, v in kwargs.items() if not k.endswith("drop_rate")}
+        return {k: v for k, v in kwargs.items() if not k.endswith(("drop_rate", "drop_path_rate"))}
 
     if (theirs[0], arch(theirs[1])) != (model_name, arch(model_kwargs)):
         raise ValueError(
