@@ -14,7 +14,7 @@ import secrets
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -128,11 +128,13 @@ def export_hub(model: nn.Module, out_dir: os.PathLike, data_config: Optional[Dic
     return out_dir
 
 
-def _lightning_state_dict(ckpt: Dict[str, Any], use_ema: bool = True) -> Dict[str, Any]:
-    """The model's weights in a ``train.py`` checkpoint: the EMA copy when there is one (and ``use_ema``)."""
+def lightning_state_dict(ckpt: Dict[str, Any], use_ema: bool = True) -> Tuple[Dict[str, Any], str]:
+    """The model's weights in a ``train.py`` checkpoint, the EMA copy when there is one (and ``use_ema``), and which
+    of the two they are (``'EMA'`` or ``'model'``)."""
     sd = ckpt["state_dict"]
-    prefix = "ema.module." if use_ema and any(k.startswith("ema.module.") for k in sd) else "model."
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    ema = use_ema and any(k.startswith("ema.module.") for k in sd)
+    prefix = "ema.module." if ema else "model."
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, "EMA" if ema else "model"
 
 
 def load_weights(model: nn.Module, path: str, use_ema: bool = True) -> str:
@@ -163,9 +165,8 @@ def load_weights(model: nn.Module, path: str, use_ema: bool = True) -> str:
                 raise ValueError(f"weights={path!r} is a quantization-aware (OFQ) checkpoint; start from a "
                                  "full-precision one, or resume it with ckpt_path=")
             src_arch = ckpt["hyper_parameters"].get("model_name")
-            sd = _lightning_state_dict(ckpt, use_ema)
-            has_ema = use_ema and any(k.startswith("ema.module.") for k in ckpt["state_dict"])
-            what = f"{'EMA' if has_ema else 'model'} weights of {path}"
+            sd, which = lightning_state_dict(ckpt, use_ema)
+            what = f"{which} weights of {path}"
         else:
             sd, src_arch, what = read_weights_file(p), None, f"checkpoint {path}"
     if src_arch is not None and split_model_name_tag(src_arch)[0] != split_model_name_tag(arch)[0]:

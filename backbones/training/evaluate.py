@@ -13,7 +13,7 @@ from timm.models import get_pretrained_cfg
 from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.classification import MulticlassAccuracy
 
-from .checkpoint import export_hub, read_checkpoint, write_json
+from .checkpoint import export_hub, lightning_state_dict, read_checkpoint, write_json
 from .cli import remove_run_dir
 from .module import create_model
 from .train import instantiate_data
@@ -59,10 +59,9 @@ def load_eval_model(model_name: str, model_kwargs: Optional[Dict[str, Any]], num
             if hp.get("freeze_bn"):
                 model = freeze_batch_norm_2d(model)
             quantize_for_checkpoint(model, state)  # an OFQ (quantization-aware) run: same quantized layers
-            sd = state["state_dict"]
-            prefix = "ema.module." if use_ema and any(k.startswith("ema.module.") for k in sd) else "model."
-            model.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
-            return model, f"{'EMA' if prefix.startswith('ema') else 'model'} weights of {ckpt}"
+            sd, which = lightning_state_dict(state, use_ema)
+            model.load_state_dict(sd)
+            return model, f"{which} weights of {ckpt}"
         try:  # a hub / official checkpoint: the family's checkpoint_filter_fn converts it
             model = create_model(model_name, pretrained=True, num_classes=num_classes,
                                  pretrained_cfg_overlay=dict(state_dict=state, file=str(ckpt),
