@@ -123,13 +123,19 @@ def main():
     ap.add_argument("--rep-ms", type=int, default=1500, help="milliseconds of timed repeats per cell")
     ap.add_argument("--profile", nargs="*", default=[], choices=MODES, help="print a by-kernel profile of these modes")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--stop-after-s", type=float, default=None,
+                    help="start no further model after this many seconds (the rows so far are kept)")
     args = ap.parse_args()
+    started = time.perf_counter()
     torch.backends.cudnn.benchmark = True
     print(f"device: {device_name()}, Triton {getattr(sys.modules.get('triton'), '__version__', '-')}, "
           f"timm {timm.__version__}; bf16 autocast, channels-last, cudnn.benchmark=True, SGD step", flush=True)
     rows = []
     for batch in args.batch:
         for name in args.models:
+            if args.stop_after_s is not None and time.perf_counter() - started > args.stop_after_s:
+                print(f"stopped after {args.stop_after_s:.0f} s: batch {batch} {name} not run", flush=True)
+                continue
             size = _size(name, args.size)
             row = {"model": name, "batch": batch, "size": size}
             for mode in args.modes:
