@@ -221,7 +221,8 @@ def build_model(model_cls: type, variant: str, pretrained: bool = False,
             try:
                 return inner(state_dict, model) if inner is not None else state_dict
             except (ValueError, KeyError, TypeError, RuntimeError) as e:
-                raise ValueError(f"weights file {file!r} is not a checkpoint of {variant}: {e}") from None
+                # chained: the cause's traceback tells a foreign file from a bug in the filter
+                raise ValueError(f"weights file {file!r} is not a checkpoint of {variant}: {e}") from e
     try:
         return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn,
                                     **kwargs)
