@@ -71,25 +71,38 @@ def _triton_supported(x: torch.Tensor, weight: torch.Tensor, stride: _Pair, padd
             and ph == pw == dh * (k - 1) // 2)
 
 
+def _repeat_channels(x: torch.Tensor, m: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, m*C, H, W), each channel m times in a row (channel c feeds outputs m*c .. m*c+m-1, as
+    groups=C orders them), in x's memory format."""
+    if m == 1:
+        return x
+    B, C, H, W = x.shape
+    if x.stride(1) == 1 and C > 1:
+        return x.permute(0, 2, 3, 1).unsqueeze(-1).expand(B, H, W, C, m).reshape(B, H, W, C * m).permute(0, 3, 1, 2)
+    return x.unsqueeze(2).expand(B, C, m, H, W).reshape(B, C * m, H, W)
+
+
+def _subsample(y: torch.Tensor, stride: int) -> torch.Tensor:
+    """Every s-th row and column, in y's memory format."""
+    if stride == 1:
+        return y
+    fmt = torch.channels_last if y.stride(1) == 1 and y.shape[1] > 1 else torch.contiguous_format
+    return y[:, :, ::stride, ::stride].contiguous(memory_format=fmt)
+
+
 def _strided_or_multiplied(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
                            padding: int, dilation: int) -> torch.Tensor:
-    """A stride-s conv with channel multiplier m on the stride-1 Triton kernels: input channels repeated m times
-    (channel c feeds outputs m*c .. m*c+m-1, as groups=C orders them), the 'same' conv, every s-th row and column
-    (with 'same' padding, output (i, j) of the strided conv is output (s*i, s*j) of the stride-1 one). Costs s*s
-    times the work of a direct strided kernel, and still measured far faster than cuDNN's channels-last
-    strided/multiplier depthwise convs (benchmarks/bench_dwconv.py)."""
-    m = weight.shape[0] // x.shape[1]
-    if m > 1:  # (B, C, H, W) -> (B, m*C, H, W), each channel m times in a row, in x's memory format
-        B, C, H, W = x.shape
-        if x.stride(1) == 1 and C > 1:
-            x = x.permute(0, 2, 3, 1).unsqueeze(-1).expand(B, H, W, C, m).reshape(B, H, W, C * m).permute(0, 3, 1, 2)
-        else:
-            x = x.unsqueeze(2).expand(B, C, m, H, W).reshape(B, C * m, H, W)
-    y = dwconv2d(x, weight, bias, 1, padding, dilation, impl="triton")
-    if stride > 1:
-        fmt = torch.channels_last if y.stride(1) == 1 and y.shape[1] > 1 else torch.contiguous_format
-        y = y[:, :, ::stride, ::stride].contiguous(memory_format=fmt)
-    return y
+    """A stride-s conv with channel multiplier m on the stride-1 Triton kernels: input channels repeated m times,
+    the 'same' conv, every s-th row and column (with 'same' padding, output (i, j) of the strided conv is output
+    (s*i, s*j) of the stride-1 one). Costs s*s times the work of a direct strided kernel, and still measured far
+    faster than cuDNN's channels-last strided/multiplier depthwise convs (benchmarks/bench_dwconv.py). Eager
+    autograd keeps x, not its m-fold copy, for the backward (as the reference conv does); under torch.compile the
+    partitioner decides what to keep."""
+    if not torch.compiler.is_compiling():
+        return _StridedDWConv2dFn.apply(x, weight, bias, stride, dilation)
+    y = dwconv2d(_repeat_channels(x, weight.shape[0] // x.shape[1]), weight, bias, 1, padding, dilation,
+                 impl="triton")
+    return _subsample(y, stride)
 
 
 def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -104,8 +117,6 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     if resolve_impl(impl, x, supported, preferred,
                     op="dwconv2d", args=(x, weight, bias, stride, padding, dilation)) == "reference":
         return dwconv2d_reference(x, weight, bias, stride, padding, dilation)
-    if s > 1 or m > 1:
-        return _strided_or_multiplied(x, weight, bias, s, padding, dilation)
     if torch.is_autocast_enabled(x.device.type):  # match F.conv2d's autocast behaviour
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
@@ -113,6 +124,8 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     elif weight.dtype != x.dtype:
         raise TypeError(f"dwconv2d: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
     weight, dil = weight.contiguous(), _pair(dilation)[0]
+    if s > 1 or m > 1:
+        return _strided_or_multiplied(x, weight, bias, s, padding, dil)
     if torch.compiler.is_compiling():  # an opaque custom op with a registered backward for torch.compile
         with torch.autocast(x.device.type, enabled=False):
             return torch.ops.metamixer.dwconv2d(x, weight, bias, dil)
@@ -694,5 +707,31 @@ def dwconv_roww_kernel(X, GY, Part, B, C, H, NH, ITERS, sxb, sxh, sxw, sgb, sgh,
         @staticmethod
         def backward(ctx, grad):
             return _grads(_dwconv2d_bwd_impl, ctx, grad)
+
+    class _StridedDWConv2dFn(torch.autograd.Function):
+        """Stride s / multiplier m (eager): saves x and recomputes its m-fold copy in the backward, where the
+        stride-1 conv's gradients come from the output gradient scattered to every s-th pixel."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, stride, dilation):
+            ctx.save_for_backward(x, weight)
+            ctx.stride, ctx.dilation, ctx.has_bias = stride, dilation, bias is not None
+            return _subsample(_launch_fwd(_repeat_channels(x, weight.shape[0] // x.shape[1]), weight, bias, dilation),
+                              stride)
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight = ctx.saved_tensors
+            m, s = weight.shape[0] // x.shape[1], ctx.stride
+            xm = _repeat_channels(x, m)
+            full = grad
+            if s > 1:
+                full = torch.zeros_like(xm, dtype=grad.dtype)
+                full[:, :, ::s, ::s] = grad
+            need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+            gx, gw, gb = _dwconv2d_bwd_impl(full, xm, weight, ctx.dilation, *need)
+            if need[0] and m > 1:  # each input channel fed m output channels
+                gx = gx.unflatten(1, (x.shape[1], m)).sum(2)
+            return (*(g if n else None for g, n in zip((gx, gw, gb), need)), None, None)
 
 register_op("dwconv2d", dwconv2d)

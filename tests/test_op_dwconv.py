@@ -103,6 +103,35 @@ def test_strided_and_multiplier_convs_match_reference(B, C, m, H, W, k, s, dil, 
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, True), (False, False, True)])
+def test_strided_multiplier_conv_partial_gradients(need):
+    """Only the gradients asked for (a frozen input, frozen weights), and the same values as the reference."""
+    x = torch.randn(2, 8, 9, 11, device=DEVICE).to(memory_format=torch.channels_last)
+    w, b = torch.randn(16, 1, 7, 7, device=DEVICE), torch.randn(16, device=DEVICE)
+    for t, n in zip((x, w, b), need):
+        t.requires_grad_(n)
+    inputs = [t for t, n in zip((x, w, b), need) if n]
+    out, ref = dwconv2d(x, w, b, 2, 3, 1, impl="triton"), dwconv2d_reference(x, w, b, 2, 3, 1)
+    g = torch.randn_like(ref)
+    for got, want in zip(_grads(out, inputs, g), _grads(ref, inputs, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_strided_multiplier_conv_keeps_no_more_for_backward_than_the_reference():
+    """Training memory: eager autograd keeps x for the backward, not the m-fold copy the kernels convolve."""
+    def saved_bytes(fn):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            fn()
+        return sum(sizes)
+    x = torch.randn(2, 8, 12, 12, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(16, 1, 7, 7, device=DEVICE, requires_grad=True)
+    b = torch.randn(16, device=DEVICE, requires_grad=True)
+    hub = saved_bytes(lambda: dwconv2d(x, w, b, 2, 3, 1, impl="triton"))
+    assert 0 < hub <= saved_bytes(lambda: dwconv2d_reference(x, w, b, 2, 3, 1))
+
+
 def test_auto_prefers_triton_where_measured_faster(monkeypatch):
     """auto's fixed rule where it does not measure (the ``preferred`` flag the dispatcher hands to resolve_impl):
     plain 7x7 convs on channels-last maps up to 28 wide (the whole-row kernels), not on wider maps or NCHW;
